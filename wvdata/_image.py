@@ -1,0 +1,145 @@
+"""Turn one input file into stored JPEG bytes: decode check, EXIF orientation, RGB, resize.
+
+Original bytes are kept when they already are an upright RGB JPEG that needs no resize;
+everything else is re-encoded. Reduced-size JPEG decoding (PIL draft mode, i.e. libjpeg DCT
+scaling) makes resizing large JPEGs several times cheaper than a full decode.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
+DEFAULT_MAX_PIXELS = 100_000_000
+_ORIENTATION_TAG = 0x0112
+
+
+class ImageRejected(Exception):
+    """An input that cannot become a sample; `reason` is a short category for summaries."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    resize_short: int | None = None
+    max_side: int | None = None
+    quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    width: int
+    height: int
+    reencoded: bool
+
+
+def target_size(width: int, height: int, opts: ImageOptions) -> tuple[int, int]:
+    """Output size for an upright image: aspect kept, never upscaled."""
+    scale = 1.0
+    if opts.resize_short:
+        scale = min(scale, opts.resize_short / min(width, height))
+    if opts.max_side:
+        scale = min(scale, opts.max_side / max(width, height))
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: transparency composited on white, 16-bit and float rescaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16") and hi <= 65535:
+            arr = arr / 257.0
+        elif hi > lo:
+            arr = (arr - lo) * (255.0 / (hi - lo))
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
+    """Validate and normalise one image file's bytes; raise ImageRejected with a reason."""
+    if not data:
+        raise ImageRejected("empty file", "zero bytes")
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels  # PIL's own bomb guard, at our limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = "text file" if _looks_like_text(data) else "unrecognised bytes"
+        raise ImageRejected("not an image", kind) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decompression bomb", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a rejected input
+        raise ImageRejected("corrupt image", f"{type(e).__name__}: {e}") from None
+    fmt = img.format or "?"
+    if fmt not in ACCEPTED_FORMATS:
+        raise ImageRejected("unsupported format", fmt)
+    w0, h0 = img.size
+    if w0 * h0 > opts.max_pixels:
+        raise ImageRejected("decompression bomb", f"{w0}x{h0} exceeds {opts.max_pixels} pixels")
+    if w0 < 1 or h0 < 1:
+        raise ImageRejected("corrupt image", f"size {w0}x{h0}")
+    try:
+        orientation = int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        orientation = 1
+    tw, th = target_size(w0, h0, opts)  # short and long side do not change under rotation
+    resize = (tw, th) != (w0, h0)
+    keep = fmt in ("JPEG", "MPO") and img.mode == "RGB" and orientation == 1 and not resize
+    try:
+        if keep:
+            img.load()  # full decode check; the stored bytes are the original ones
+            return StoredImage(data, w0, h0, reencoded=False)
+        if resize and fmt in ("JPEG", "MPO"):
+            img.draft("RGB", (tw, th))  # DCT scaling: decode at >= the target size
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except ImageRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated data, bad huffman tables, ...
+        reason = "truncated image" if "truncated" in str(e).lower() else "corrupt image"
+        raise ImageRejected(reason, f"{type(e).__name__}: {e}") from None
+    if resize:
+        if orientation in (5, 6, 7, 8):
+            tw, th = th, tw
+        img = img.resize((tw, th), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=opts.quality)
+    return StoredImage(out.getvalue(), img.width, img.height, reencoded=True)
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False

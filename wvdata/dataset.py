@@ -1,0 +1,125 @@
+"""Read side of the dataset directory (see DESIGN.md): manifest, sample tables, image bytes.
+
+Every later stage (views, stream, dedup, embed, curriculum) opens a dataset through here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterator
+
+import polars as pl
+
+FORMAT_NAME = "wvdata"
+FORMAT_VERSION = 1
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for local paths and fsspec URLs (s3://, http://) alike."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def open_file(path: str, mode: str = "rb"):
+    """Open a local path or an fsspec URL."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, mode).open()
+    return open(path.removeprefix("file://"), mode)
+
+
+@dataclass
+class Dataset:
+    """A built dataset directory (local path or fsspec URL)."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        self.root = str(self.root).rstrip("/")
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        path = join(self.root, "dataset.json")
+        try:
+            with open_file(path) as f:
+                data = json.loads(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} not found: {self.root} is not a finished dataset (run `wvdata build`)") from None
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a wvdata dataset manifest")
+        return data
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        """Shard records of a split: name, samples, bytes (only complete shards are listed)."""
+        self._check_split(split)
+        return list(self.manifest["splits"][split]["shards"])
+
+    def shard_path(self, split: str, shard: str, ext: str = "tar") -> str:
+        return join(self.root, split, f"{shard}.{ext}")
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} not in dataset {self.root} (has {self.splits})")
+
+    def samples(self, split: str | None = None) -> pl.DataFrame:
+        """samples.parquet of one split, or of all splits concatenated."""
+        splits = [split] if split else self.splits
+        frames = []
+        for s in splits:
+            self._check_split(s)
+            with open_file(join(self.root, s, "samples.parquet")) as f:
+                frames.append(pl.read_parquet(f))
+        return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+    def errors(self, split: str | None = None) -> pl.DataFrame:
+        splits = [split] if split else self.splits
+        frames = []
+        for s in splits:
+            with open_file(join(self.root, s, "errors.parquet")) as f:
+                frames.append(pl.read_parquet(f))
+        return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+    def annotation_path(self, name: str) -> str:
+        return join(self.root, "annotations", f"{name}.parquet")
+
+    def read_image_bytes(self, split: str, shard: str, data_offset: int, size: int) -> bytes:
+        """The stored JPEG of one sample, read by byte range."""
+        with open_file(self.shard_path(split, shard)) as f:
+            f.seek(data_offset)
+            return f.read(size)
+
+    def iter_images(self, split: str) -> Iterator[tuple[str, bytes]]:
+        """(key, jpeg bytes) for every sample of a split, each shard read sequentially once."""
+        df = self.samples(split).select("key", "shard", "data_offset", "bytes")
+        for (shard,), part in df.group_by("shard", maintain_order=True):
+            with open_file(self.shard_path(split, shard)) as f:
+                for key, off, size in part.select("key", "data_offset", "bytes").iter_rows():
+                    f.seek(off)
+                    yield key, f.read(size)
+
+
+def open_dataset(root: str | os.PathLike) -> Dataset:
+    """Open a dataset directory built by `wvdata build`."""
+    return Dataset(str(root))
