@@ -75,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-_STAGE_MODULES: tuple[str, ...] = ()
+_STAGE_MODULES: tuple[str, ...] = ("views",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,249 @@
+"""The DALI backend: `fn.readers.webdataset` over per-rank, per-epoch `.idx` files.
+
+Each epoch, this rank's share of the view (the same entries as the torch backend, from
+`_order`) is written as one `.idx` per shard it touches; DALI reads exactly what an index
+lists, repeats included. DALI's shuffle buffer (seeded by (seed, epoch)) mixes samples across
+the window of shards it holds. Decoding runs on the GPU (`mixed`) when CUDA is present and on
+the CPU (`device_id=None`) otherwise. Loader state records the entries already yielded, so a
+restored loader yields exactly the rest; a corrupt sample is found, reported and replaced by a
+repeat of a good one, so every rank keeps the same number of batches.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import replace
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._order import epoch_order, num_batches, rank_plan
+from ._tar import format_idx, parse_idx
+from ._transforms import TransformConfig
+from .dataset import is_url
+from .stream import LoaderStats
+from .views import View
+
+log = logging.getLogger("wvdata.stream")
+_INFO_LEN = 1024
+# DALI's auto_aug still calls its own deprecated fn.experimental aliases
+warnings.filterwarnings("ignore", message=r".*is now deprecated.*", category=DeprecationWarning)
+
+
+def _pipeline(paths, index_paths, cfg: TransformConfig, batch_size: int, num_threads: int,
+              device_id: int | None, shuffle: bool, initial_fill: int, seed: int):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+
+    decode_device = "mixed" if device_id is not None else "cpu"
+    s = cfg.image_size
+
+    @pipeline_def(enable_conditionals=cfg.train and cfg.randaug_n > 0)
+    def pipe():
+        jpg = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["jpg"],
+                                    random_shuffle=shuffle, initial_fill=initial_fill, seed=seed,
+                                    missing_component_behavior="error", name="reader")
+        info = fn.pad(fn.get_property(jpg, key="source_info"), axes=(0,), shape=(_INFO_LEN,))
+        if cfg.train:
+            img = fn.decoders.image_random_crop(jpg, device=decode_device, output_type=types.RGB,
+                                                random_area=list(cfg.scale),
+                                                random_aspect_ratio=[cfg.ratio[0], cfg.ratio[1]])
+            img = fn.resize(img, resize_x=s, resize_y=s)
+            if cfg.randaug_n > 0:
+                img = rand_augment.rand_augment(img, n=cfg.randaug_n, m=cfg.randaug_m)
+            mirror = fn.random.coin_flip() if cfg.hflip else 0
+            img = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+        else:
+            img = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
+            img = fn.resize(img, resize_shorter=int(round(s / cfg.crop_ratio)))
+            if cfg.eval_crops == 1:
+                img = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW", crop=(s, s))
+            else:
+                pos = [(0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5)]
+                crops = [fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW", crop=(s, s),
+                                                  crop_pos_x=x, crop_pos_y=y, mirror=m)
+                         for m in ((0, 1) if cfg.eval_crops == 10 else (0,)) for x, y in pos]
+                img = fn.stack(*crops)
+        return img, info
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    seed=seed, prefetch_queue_depth=2)
+
+
+class DaliLoader:
+    """Same interface and epoch semantics as TorchLoader, DALI underneath."""
+
+    backend = "dali"
+
+    def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
+                 rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
+                 window: int, device_id: int | None = None, shuffle_buffer: int | None = None):
+        if len(v) == 0:
+            raise ValueError(f"view {v.name or v.split!r} has no entries")
+        if is_url(v.dataset.root):
+            raise ValueError("the dali backend reads local (or mounted) datasets; use backend='torch' "
+                             f"for {v.dataset.root}")
+        self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_threads, self.drop_last, self.shuffle, self.window = max(1, num_workers), drop_last, shuffle, window
+        if device_id is None and torch.cuda.is_available():
+            device_id = torch.cuda.current_device()
+        self.device_id = device_id
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch, self._batch, self._resuming = 0, 0, False
+        self._consumed: list[int] = []
+        self.stats = LoaderStats()
+        self._bad: set[int] = set()
+        e = v.entries
+        self._shard_id = e["shard_id"].to_numpy()
+        self._keys = e["key"].to_list()
+        self._labels = e["label"].to_numpy().astype(np.int64)
+        self._offsets = e["data_offset"].to_numpy()
+        self._paths = [v.dataset.shard_path(v.split, s) for s in v.shards]
+        self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(self._shard_id, self._offsets))}
+        # repeats of one sample share one canonical position: consumption is counted per sample
+        self._canon = np.array([self._where[(int(s), int(o))] for s, o in zip(self._shard_id, self._offsets)],
+                               dtype=np.int64)
+        self._lines: dict[int, list[str]] | None = None
+        self._tmp = tempfile.mkdtemp(prefix="wvdata-dali-")
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+
+    image_size = property(lambda self: self.cfg.image_size,
+                          lambda self, size: setattr(self, "cfg", replace(self.cfg, image_size=int(size))))
+
+    def __len__(self) -> int:
+        return num_batches(len(self.view), self.world_size, self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._batch, self._consumed = epoch, 0, []
+
+    def positions(self, epoch: int) -> np.ndarray:
+        order = epoch_order(self._shard_id, self.seed, epoch, self.shuffle, self.window)
+        return rank_plan(order, self.rank, self.world_size, self.batch_size, self.drop_last).positions
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "world_size": self.world_size,
+                "entries": len(self.view), "image_size": self.image_size,
+                "consumed": np.asarray(self._consumed, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["entries"], state["world_size"]) != (len(self.view), self.world_size):
+            raise ValueError("loader state is for another view or world size")
+        self.seed, self.epoch, self._batch = state["seed"], state["epoch"], state["batch"]
+        self._consumed = [int(p) for p in state.get("consumed", [])]
+        self.image_size = state.get("image_size", self.image_size)
+        self._resuming = True  # the next iteration continues; later ones start epochs afresh
+
+    def _idx_lines(self) -> dict[int, list[str]]:
+        if self._lines is None:
+            self._lines = {}
+            for sid, shard in enumerate(self.view.shards):
+                with open(self.view.dataset.shard_path(self.view.split, shard, "idx")) as f:
+                    parsed = parse_idx(f.read())
+                by_offset = {m[0].offset: " ".join(f"{x.ext} {x.offset} {x.size} {x.name}" for x in m
+                                                   if x.ext == "jpg") for m in parsed}
+                self._lines[sid] = by_offset
+        return self._lines
+
+    def _write_indexes(self, positions: list[int], tag: str) -> tuple[list[str], list[str], int]:
+        """One .idx per shard touched, in order of first appearance, entries in order."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for p in positions:
+            groups[int(self._shard_id[p])].append(p)
+        lines = self._idx_lines()
+        paths, idx = [], []
+        for sid, ps in groups.items():
+            path = os.path.join(self._tmp, f"{tag}-{sid}.idx")
+            with open(path, "w") as f:
+                f.write(format_idx([lines[sid][int(self._offsets[p])] for p in ps]))
+            paths.append(self._paths[sid])
+            idx.append(path)
+        biggest = max((len(ps) for ps in groups.values()), default=1)
+        return paths, idx, max(1, min(len(positions), biggest * self.window))
+
+    def _remaining(self, epoch: int) -> list[int]:
+        planned = self._canon[self.positions(epoch)].tolist()
+        left = Counter(planned)
+        left.subtract(Counter(self._consumed))
+        good = [p for p in planned if p not in self._bad] or [0]
+        out = []
+        for p in planned:
+            if left[p] > 0:
+                left[p] -= 1
+                out.append(p if p not in self._bad else good[len(out) % len(good)])
+        return out
+
+    def _find_bad(self, positions: list[int]) -> set[int]:
+        """Decode every remaining entry at 1/8 scale to find the ones DALI choked on."""
+        bad = set()
+        files: dict[int, Any] = {}
+        for p in dict.fromkeys(positions):
+            sid = int(self._shard_id[p])
+            try:
+                f = files.get(sid) or files.setdefault(sid, open(self._paths[sid], "rb"))
+                f.seek(int(self._offsets[p]))
+                data = f.read(int(self.view.entries["bytes"][p]))
+                img = Image.open(io.BytesIO(data))
+                img.draft("RGB", (1, 1))
+                img.load()
+            except Exception as e:  # noqa: BLE001
+                bad.add(p)
+                shard = self.view.shards[sid]
+                if shard not in self.stats.skipped_by_shard:
+                    log.warning("skipping unreadable samples in %s/%s (first: %s: %s)", self.view.split,
+                                shard, self._keys[p], f"{type(e).__name__}: {e}")
+                self.stats.skipped_by_shard[shard] = self.stats.skipped_by_shard.get(shard, 0) + 1
+                self.stats.skipped += 1
+        for f in files.values():
+            f.close()
+        return bad
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if not self._resuming:
+            self._batch, self._consumed = 0, []
+        self._resuming = False
+        epoch = self.epoch
+        total = len(self)
+        while self._batch < total:
+            remaining = self._remaining(epoch)
+            tag = f"e{epoch}-b{self._batch}-r{self.rank}"
+            paths, idx, fill = self._write_indexes(remaining, tag)
+            pipe = _pipeline(paths, idx, self.cfg, self.batch_size, self.num_threads, self.device_id,
+                             self.shuffle, self.shuffle_buffer or fill,
+                             (hash((self.seed, epoch, self._batch)) & 0x7FFFFFFF))
+            it = DALIGenericIterator(pipe, ["images", "info"], reader_name="reader", auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL)
+            try:
+                for out in it:
+                    images, info = out[0]["images"], out[0]["info"].cpu().numpy()
+                    pos = [self._position(bytes(row).rstrip(b"\0").decode()) for row in info]
+                    self._consumed.extend(pos)
+                    self._batch += 1
+                    yield images, torch.as_tensor(self._labels[pos]), [self._keys[p] for p in pos]
+            except RuntimeError as e:  # a corrupt sample: find it, replace it, continue
+                newly = self._find_bad(remaining) - self._bad
+                if not newly:
+                    raise
+                log.debug("DALI error %s; restarting without %d bad entries", e, len(newly))
+                self._bad |= newly
+            finally:
+                del it, pipe
+        self.epoch, self._batch, self._consumed = epoch + 1, 0, []
+
+    def _position(self, source_info: str) -> int:
+        path, offset, _ = source_info.rsplit(":", 2)
+        return self._where[(self._paths.index(path), int(offset))]
