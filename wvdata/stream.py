@@ -88,7 +88,8 @@ class _Files:
             if is_url(path):
                 import fsspec
 
-                f = fsspec.open(path, "rb", block_size=1 << 21, cache_type="readahead").open()
+                fs, fpath = fsspec.core.url_to_fs(path)
+                f = fs.open(fpath, "rb", block_size=1 << 21, cache_type="readahead")
             else:
                 f = open(path, "rb", buffering=0)
             self.open[shard] = f
