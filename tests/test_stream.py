@@ -133,3 +133,14 @@ def test_corrupt_sample_is_skipped_counted_and_never_fatal(webvision_dataset, tm
     assert victim["key"] not in keys
     assert len(set(keys)) == s.height - 1
     assert "skipping unreadable samples" in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_index_gives_sample_rows(balanced, backend):
+    samples = open_dataset(balanced).samples("train")
+    ld = loader(balanced, view="bal", batch_size=16, backend=backend, image_size=32, num_workers=1,
+                rank=0, world_size=1, with_index=True)
+    for _, labels, keys, ids in ld:
+        assert ids.dtype == torch.int64
+        assert samples["key"].gather(ids.numpy()).to_list() == keys
+        assert samples["label"].gather(ids.numpy()).to_list() == labels.tolist()

@@ -86,7 +86,8 @@ class DaliLoader:
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
                  rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
-                 window: int, device_id: int | None = None, shuffle_buffer: int | None = None):
+                 window: int, device_id: int | None = None, shuffle_buffer: int | None = None,
+                 with_index: bool = False):
         if len(v) == 0:
             raise ValueError(f"view {v.name or v.split!r} has no entries")
         if is_url(v.dataset.root):
@@ -98,7 +99,7 @@ class DaliLoader:
         if device_id is None and torch.cuda.is_available():
             device_id = torch.cuda.current_device()
         self.device_id = device_id
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.with_index = shuffle_buffer, with_index
         self.epoch, self._batch, self._resuming = 0, 0, False
         self._consumed: list[int] = []
         self.stats = LoaderStats()
@@ -107,6 +108,7 @@ class DaliLoader:
         self._shard_id = e["shard_id"].to_numpy()
         self._keys = e["key"].to_list()
         self._labels = e["label"].to_numpy().astype(np.int64)
+        self._sample = e["sample"].to_numpy().astype(np.int64)
         self._offsets = e["data_offset"].to_numpy()
         self._paths = [v.dataset.shard_path(v.split, s) for s in v.shards]
         self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(self._shard_id, self._offsets))}
@@ -233,7 +235,8 @@ class DaliLoader:
                     pos = [self._position(bytes(row).rstrip(b"\0").decode()) for row in info]
                     self._consumed.extend(pos)
                     self._batch += 1
-                    yield images, torch.as_tensor(self._labels[pos]), [self._keys[p] for p in pos]
+                    batch = (images, torch.as_tensor(self._labels[pos]), [self._keys[p] for p in pos])
+                    yield (*batch, torch.as_tensor(self._sample[pos])) if self.with_index else batch
             except RuntimeError as e:  # a corrupt sample: find it, replace it, continue
                 newly = self._find_bad(remaining) - self._bad
                 if not newly:

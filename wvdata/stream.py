@@ -64,6 +64,7 @@ class _Source:
     width: np.ndarray
     height: np.ndarray
     label: np.ndarray
+    sample: np.ndarray
     keys: list[str]
 
     @classmethod
@@ -71,7 +72,8 @@ class _Source:
         e = v.entries
         return cls([v.dataset.shard_path(v.split, s) for s in v.shards], e["shard_id"].to_numpy(),
                    e["data_offset"].to_numpy(), e["bytes"].to_numpy(), e["width"].to_numpy(),
-                   e["height"].to_numpy(), e["label"].to_numpy().astype(np.int64), e["key"].to_list())
+                   e["height"].to_numpy(), e["label"].to_numpy().astype(np.int64),
+                   e["sample"].to_numpy().astype(np.int64), e["key"].to_list())
 
 
 class _Files:
@@ -117,7 +119,7 @@ class _Batches(torch.utils.data.Dataset):
         if self.files is None:
             self.files, self.randaug = _Files(self.src.paths), make_randaug(self.cfg)
         src, cfg = self.src, self.cfg
-        images, labels, keys, bad = [], [], [], []
+        images, labels, keys, bad, ids = [], [], [], [], []
         for j, p in enumerate(self.positions[i * self.bs:(i + 1) * self.bs]):
             sample_seed = hash((self.seed, self.epoch, self.rank, i, j)) & 0x7FFFFFFF
             try:
@@ -134,6 +136,7 @@ class _Batches(torch.utils.data.Dataset):
             images.append(arr)
             labels.append(src.label[p])
             keys.append(src.keys[p])
+            ids.append(src.sample[p])
         s = cfg.image_size
         if images:
             x = torch.from_numpy(np.stack(images))
@@ -143,7 +146,8 @@ class _Batches(torch.utils.data.Dataset):
         if x.dim() == 5 and cfg.eval_crops == 1:
             x = x[:, 0]
         x = x.movedim(-1, -3)  # ..., H, W, C -> ..., C, H, W (channels-last memory)
-        return x, torch.as_tensor(np.asarray(labels, dtype=np.int64)), keys, bad
+        return (x, torch.as_tensor(np.asarray(labels, dtype=np.int64)), keys, bad,
+                torch.as_tensor(np.asarray(ids, dtype=np.int64)))
 
 
 @dataclass
@@ -159,13 +163,13 @@ class TorchLoader:
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
                  rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
-                 window: int, pin_memory: bool = False, prefetch_factor: int = 2):
+                 window: int, pin_memory: bool = False, prefetch_factor: int = 2, with_index: bool = False):
         if len(v) == 0:
             raise ValueError(f"view {v.name or v.split!r} has no entries")
         self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.drop_last, self.shuffle, self.window = num_workers, drop_last, shuffle, window
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.pin_memory, self.prefetch_factor, self.with_index = pin_memory, prefetch_factor, with_index
         self.epoch, self._batch, self._resuming = 0, 0, False
         self.stats = LoaderStats()
         self._src = _Source.of(v)
@@ -225,10 +229,10 @@ class TorchLoader:
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
         else:
             it = (data[i] for i in range(start, len(data)))
-        for images, labels, keys, bad in it:
+        for images, labels, keys, bad, ids in it:
             self._note_bad(bad)
             self._batch += 1
-            yield images, labels, keys
+            yield (images, labels, keys, ids) if self.with_index else (images, labels, keys)
         self.epoch, self._batch = epoch + 1, 0
 
 
@@ -239,6 +243,9 @@ def loader(dataset: str | os.PathLike | Dataset, split: str = "train", view: str
            window: int = 4, randaug: tuple[int, int] = (2, 9), eval_crops: int = 1,
            scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None, **kwargs: Any):
     """A loader over a view (or a whole split): iterable, len(), set_epoch, state_dict.
+
+    With `with_index=True` batches carry a fourth item: int64 sample ids (the rows of the
+    split's samples.parquet), for device-side per-sample tables such as AUM margins.
 
     backend "torch" decodes with PIL in DataLoader workers; "dali" runs DALI's webdataset
     reader on the view's .idx files (GPU "mixed" decode when CUDA is present, CPU otherwise).

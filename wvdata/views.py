@@ -20,7 +20,8 @@ import polars as pl
 from ._tar import format_idx, write_atomic
 from .dataset import Dataset, join, open_dataset, open_file
 
-ENTRY_COLUMNS = ["key", "label", "shard", "data_offset", "bytes", "width", "height"]
+ENTRY_COLUMNS = ["key", "sample", "label", "shard", "data_offset", "bytes", "width", "height"]
+# `sample` is the row of the entry in its split's samples.parquet: a dense id for device-side tables
 _ANNOTATIONS = {"dedup": "wvdata dedup", "aum": "wvdata aum", "curriculum": "wvdata curriculum"}
 
 
@@ -91,7 +92,7 @@ def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
            where: str | pl.Expr | None = None, seed: int = 0) -> pl.DataFrame:
     """The entries a view would hold (repeats allowed), without writing anything."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    samples = ds.samples(split)
+    samples = ds.samples(split).with_row_index("sample")
     needed = []
     if drop_duplicates or drop_leaks:
         needed.append("dedup")
@@ -144,13 +145,19 @@ def _entries(ds: Dataset, split: str, df: pl.DataFrame) -> pl.DataFrame:
               .with_columns(pl.col("shard").replace_strict(order, return_dtype=pl.Int32).alias("shard_id")))
 
 
+def memory_view(dataset: str | os.PathLike | Dataset, entries: pl.DataFrame, split: str = "train") -> View:
+    """A view held in memory only (e.g. a per-epoch resample), from `select()`'s output."""
+    ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+    return View(ds, split, None, _entries(ds, split, entries))
+
+
 def write_view(dataset: str | os.PathLike | Dataset, name: str, entries: pl.DataFrame | Sequence[str],
                split: str = "train", options: dict[str, Any] | None = None) -> View:
     """Write a view from any key list or frame with a `key` column (repeats allowed)."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad view name {name!r}")
-    df = entries if isinstance(entries, pl.DataFrame) and "shard" in entries.columns \
+    df = entries if isinstance(entries, pl.DataFrame) and "sample" in entries.columns \
         else select(ds, split, keys=entries)
     ent = _entries(ds, split, df).sort(["shard_id", "data_offset"], maintain_order=True)
     out = os.path.join(ds.root, "views", name)
@@ -187,7 +194,7 @@ def load_view(dataset: str | os.PathLike | Dataset, name: str | None = None, spl
     """A written view by name, or the whole split (every sample once) when name is None."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     if name is None:
-        return View(ds, split, None, _entries(ds, split, ds.samples(split)))
+        return View(ds, split, None, _entries(ds, split, ds.samples(split).with_row_index("sample")))
     path = join(ds.root, "views", name, "view.json")
     try:
         with open_file(path) as f:
