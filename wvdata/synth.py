@@ -186,3 +186,32 @@ def make_folder_crawl(root: str | os.PathLike, *, classes: int = 10, train_per_c
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def make_digits_folder(root: str | os.PathLike, *, size: int = 32, val_fraction: float = 0.2,
+                       limit: int | None = None, seed: int = 0) -> Crawl:
+    """scikit-learn's 1,797 real handwritten digits as coloured JPEGs, `root/{train,val}/<digit>/`.
+
+    A real, clean, labelled 10-class set small enough to train on a CPU in a test; the val
+    split is stratified.
+    """
+    rng = np.random.default_rng(seed)
+    imgs, labels = digits()
+    order = rng.permutation(len(labels))[:limit]
+    root = Path(root)
+    crawl = Crawl(root, sorted(DIGIT_NAMES), {"train": [], "val": []})
+    seen: dict[int, int] = {}
+    per_class = np.bincount(labels[order], minlength=10)
+    for i in order:
+        c = int(labels[i])
+        seen[c] = seen.get(c, 0) + 1
+        split = "val" if seen[c] <= round(per_class[c] * val_fraction) else "train"
+        fg = rng.integers(128, 256, 3)
+        bg = rng.integers(0, 100, 3)
+        glyph = Image.fromarray((imgs[i] * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+        a = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0
+        rgb = (a * fg + (1 - a) * bg).clip(0, 255).astype(np.uint8)
+        rel = f"{split}/{DIGIT_NAMES[c]}/{i:05d}.jpg"
+        _write(root / rel, jpeg(Image.fromarray(rgb), 92))
+        crawl.items[split].append((rel, c, c))
+    return crawl
