@@ -75,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-_STAGE_MODULES: tuple[str, ...] = ("views",)
+_STAGE_MODULES: tuple[str, ...] = ("views", "dedup")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
