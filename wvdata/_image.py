@@ -91,7 +91,8 @@ def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
     """Validate and normalise one image file's bytes; raise ImageRejected with a reason."""
     if not data:
         raise ImageRejected("empty file", "zero bytes")
-    Image.MAX_IMAGE_PIXELS = opts.max_pixels  # PIL's own bomb guard, at our limit
+    saved_limit = Image.MAX_IMAGE_PIXELS  # PIL's own bomb guard, at our limit, for this call only
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,6 +104,8 @@ def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
         raise ImageRejected("decompression bomb", str(e)) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a rejected input
         raise ImageRejected("corrupt image", f"{type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
     fmt = img.format or "?"
     if fmt not in ACCEPTED_FORMATS:
         raise ImageRejected("unsupported format", fmt)

@@ -259,6 +259,11 @@ def _scan_folder(src: Path, splits: tuple[str, ...]) -> Inputs:
                           if (root / c).is_dir()})
     index = {c: i for i, c in enumerate(class_names)}
     inputs = Inputs("folder", class_names, [], [])
+    if by_split:  # loose files next to the split folders belong to no split or class
+        for name in top:
+            if not (src / name).is_dir() and "train" in splits:
+                inputs.errors.append(ErrorRow("train", printable(name), "not in a class folder",
+                                              f"{printable(name)} is outside the split folders"))
     for split, root in split_roots:
         if split not in splits:
             continue
@@ -296,6 +301,10 @@ def _scan_manifest(path: Path, splits: tuple[str, ...]) -> Inputs:
         raise ValueError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs path and label")
     root = path.parent.resolve()
     records = df.to_dicts()
+    for rec in records:  # a float label column (pandas writes one when a label is missing)
+        lab = rec.get("label")
+        if isinstance(lab, float):
+            rec["label"] = None if lab != lab else int(lab) if lab.is_integer() else lab
     names: dict[int, str] = {}
     for rec in records:
         lab, _ = _parse_label(str(rec.get("label")), None)

@@ -15,13 +15,12 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import polars as pl
 
 from ._image import DEFAULT_MAX_PIXELS, ImageOptions, ImageRejected, process_image
-from ._layouts import SPLITS, ErrorRow, InputRow, scan
+from ._layouts import SPLITS, InputRow, scan
 from ._tar import ShardWriter, format_idx, idx_line, write_atomic
 from .dataset import FORMAT_NAME, FORMAT_VERSION
 
@@ -33,6 +32,7 @@ SAMPLE_SCHEMA = {
     "class_name": pl.String, "source": pl.String, "query": pl.String, "src_path": pl.String,
     "width": pl.Int32, "height": pl.Int32, "bytes": pl.Int64, "sha1": pl.String,
     "offset": pl.Int64, "data_offset": pl.Int64, "reencoded": pl.Boolean, "meta_error": pl.String,
+    "query_text": pl.String, "meta": pl.String,  # meta: the matched meta record as JSON text
 }
 ERROR_SCHEMA = {"split": pl.String, "src_path": pl.String, "reason": pl.String, "detail": pl.String}
 
@@ -82,18 +82,21 @@ class BuildSummary:
 
 
 def _sample_json(row: InputRow, task: ShardTask) -> bytes:
-    doc = {"key": row.key, "src_path": row.src_path, "source": row.source, "label": row.label,
-           "class_name": task.classes[row.label] if row.label >= 0 else "",
-           "query": row.query, "query_text": row.query_text, "meta": row.meta}
+    doc = dict(row.extra)  # extra manifest columns never override the fields below
+    doc.update({"key": row.key, "src_path": row.src_path, "source": row.source,
+                "label": row.label, "class_name": task.classes[row.label] if row.label >= 0 else "",
+                "query": row.query, "query_text": row.query_text, "meta": row.meta})
+    doc.pop("meta_error", None)
     if row.meta_error:
         doc["meta_error"] = row.meta_error
-    doc.update(row.extra)
     return json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode()
 
 
 def _part_paths(out: str, split: str, name: str) -> tuple[str, str]:
+    # JSON, not parquet: a worker forked from a process that has run polars hangs on its
+    # first polars call (polars' thread pool does not survive fork), so workers never use it.
     work = os.path.join(out, _WORK_DIR, split)
-    return os.path.join(work, f"{name}.errors.parquet"), os.path.join(work, f"{name}.samples.parquet")
+    return os.path.join(work, f"{name}.errors.json"), os.path.join(work, f"{name}.samples.json")
 
 
 def shard_done(task: ShardTask) -> bool:
@@ -135,7 +138,9 @@ def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) ->
                 "width": img.width, "height": img.height, "bytes": jpg.size,
                 "sha1": hashlib.sha1(img.data).hexdigest(), "offset": jpg.header_offset,
                 "data_offset": jpg.offset, "reencoded": img.reencoded,
-                "meta_error": row.meta_error or None,
+                "meta_error": row.meta_error or None, "query_text": row.query_text,
+                "meta": json.dumps(row.meta, sort_keys=True, ensure_ascii=False, default=str)
+                if row.meta else None,
             })
         if progress and (i + 1) % 16 == 0:
             progress(16)
@@ -148,8 +153,8 @@ def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) ->
         write_atomic(os.path.join(split_dir, f"{task.name}.idx"), format_idx(lines))
     err_path, smp_path = _part_paths(task.out, task.split, task.name)
     os.makedirs(os.path.dirname(err_path), exist_ok=True)
-    _write_parquet(pl.DataFrame(errors, schema=ERROR_SCHEMA), err_path)
-    _write_parquet(pl.DataFrame(samples, schema=SAMPLE_SCHEMA), smp_path)
+    write_atomic(err_path, json.dumps(errors))
+    write_atomic(smp_path, json.dumps(samples))
     return len(samples), len(errors)
 
 
@@ -265,11 +270,21 @@ def build(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "auto
     """Build a dataset directory from a raw crawl (webvision, folder or manifest layout)."""
     t0 = time.perf_counter()
     src, out = str(src), str(out)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:  # a typo would otherwise build an empty dataset
+        raise ValueError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
     opts = BuildOptions(layout, tuple(splits), resize_short, max_side, quality, max_pixels,
                         shard_size, shard_samples, seed)
     inputs = scan(src, layout, tuple(splits))
     work = os.path.join(out, _WORK_DIR)
     fingerprint = _fingerprint(opts, src, inputs)
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
+        raise ValueError(f"refusing to --overwrite {out}: the source {src} is inside it")
+    done = _finished(out, work, opts) if resume else None
+    if done is not None:
+        done.seconds = time.perf_counter() - t0
+        return done
     _prepare_out(out, work, fingerprint, resume, overwrite)
     image_opts = ImageOptions(resize_short, max_side, quality, max_pixels)
     tasks: list[ShardTask] = []
@@ -292,13 +307,57 @@ def build(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "auto
         else:
             raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
     _finalize(out, src, opts, inputs, tasks, splits_present, summary)
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_work(work)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
+def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:
+    """--resume on a dataset that finished with these options: nothing to do."""
+    path = os.path.join(out, "dataset.json")
+    if os.path.isdir(work) or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("build") != {k: v for k, v in asdict(opts).items() if k != "splits"}:
+        raise ValueError(f"{out} is a finished dataset built with other options; "
+                         "use --overwrite to rebuild")
+    s = BuildSummary(out)
+    for split, meta in manifest["splits"].items():
+        s.samples[split], s.errors[split] = meta["samples"], meta["errors"]
+        s.shards += len(meta["shards"])
+    s.shards_skipped = s.shards
+    return s
+
+
+def _remove_work(work: str) -> None:
+    """Remove the work dir, its fingerprint last: while the fingerprint exists, resume works."""
+    stamp = os.path.join(work, "fingerprint")
+    for name in os.listdir(work):
+        path = os.path.join(work, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif path != stamp:
+            os.remove(path)
+    os.remove(stamp)
+    os.rmdir(work)
+
+
+def _remove_temp_files(out: str) -> None:
+    """Temporary files of writes cut short by a kill (see write_atomic)."""
+    for d in [out] + [os.path.join(out, s) for s in SPLITS]:
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if ".tmp-" in name and os.path.isfile(os.path.join(d, name)):
+                    os.remove(os.path.join(d, name))
+
+
 def _prepare_out(out: str, work: str, fingerprint: str, resume: bool, overwrite: bool) -> None:
     stamp = os.path.join(work, "fingerprint")
+    if os.path.isdir(work) and all(n.startswith("fingerprint.tmp-") for n in os.listdir(work)):
+        for name in os.listdir(work):  # killed before its fingerprint was written or after
+            os.remove(os.path.join(work, name))  # it was removed: nothing of a build is in it
+        os.rmdir(work)
     if os.path.exists(out) and os.listdir(out):
         if overwrite:
             shutil.rmtree(out)
@@ -307,6 +366,7 @@ def _prepare_out(out: str, work: str, fingerprint: str, resume: bool, overwrite:
                 if f.read() != fingerprint:
                     raise ValueError(f"{out} was started with other inputs or options; "
                                      "resume needs the same ones (or use --overwrite)")
+            _remove_temp_files(out)
             return
         elif resume and os.path.exists(os.path.join(out, "dataset.json")):
             raise ValueError(f"{out} is already a finished dataset; use --overwrite to rebuild")
@@ -332,7 +392,9 @@ def _finalize(out: str, src: str, opts: BuildOptions, inputs, tasks: list[ShardT
         parts_e.append(pl.DataFrame(pre, schema=ERROR_SCHEMA))
         for t in (t for t in tasks if t.split == split):
             err_path, smp_path = _part_paths(out, split, t.name)
-            s, e = pl.read_parquet(smp_path), pl.read_parquet(err_path)
+            with open(smp_path) as fs, open(err_path) as fe:
+                s = pl.DataFrame(json.load(fs), schema=SAMPLE_SCHEMA)
+                e = pl.DataFrame(json.load(fe), schema=ERROR_SCHEMA)
             parts_s.append(s)
             parts_e.append(e)
             if s.height:

@@ -1,0 +1,165 @@
+"""`wvdata build --resume`: a build killed with SIGKILL at any point, then resumed, gives output
+byte-identical to an uninterrupted build; mismatched or careless reuse of an output dir is refused."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("_crawls")
+from _crawls import assert_same_tree, crop, encode, manifest, quiet_build, tree, write
+from wvdata import build
+from wvdata.cli import main
+from wvdata.synth import make_webvision_crawl
+
+OPTS = ["--workers", "1", "--shard-samples", "4", "--resize-short", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory):
+    return make_webvision_crawl(tmp_path_factory.mktemp("resume") / "crawl", classes=4,
+                                train_per_class=12, val_per_class=8, test=8,
+                                sizes=((400, 300), (300, 400)), seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(crawl, tmp_path_factory):
+    """The uninterrupted build (in this process, through the Python API)."""
+    out = tmp_path_factory.mktemp("ref") / "ds"
+    quiet_build(crawl.root, out, shard_samples=4, resize_short=64)
+    assert len(manifest(out)["splits"]["train"]["shards"]) == 12
+    return out
+
+
+def _killed_build(src: Path, out: Path, ready, attempts: int = 5) -> None:
+    """Run `wvdata build` in a subprocess and SIGKILL it as soon as `ready()` holds.
+
+    When the build ends before `ready()` is seen (a busy machine can stall this poll), the
+    output is removed and the build started again, so a kill really happens mid-way.
+    """
+    for _ in range(attempts):
+        proc = subprocess.Popen([sys.executable, "-m", "wvdata.cli", "build", str(src), "-o", str(out)]
+                                + OPTS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        try:
+            while not ready() and proc.poll() is None:
+                assert time.monotonic() < deadline, "timed out waiting for the build"
+                time.sleep(0.0005)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        finished = (out / "dataset.json").exists() and not [
+            p for p in (out / ".build").rglob("*") if p.is_file()]
+        if proc.returncode == -signal.SIGKILL and not finished:
+            return
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()
+        shutil.rmtree(out)
+    pytest.fail(f"the build always ended before it could be killed ({attempts} tries)")
+
+
+def _files(out: Path, pattern: str) -> int:
+    return len(list(out.glob(pattern))) if out.exists() else 0
+
+
+KILL_POINTS = {
+    # while the interpreter is still starting: nothing written yet
+    "at-start": lambda out: True,
+    # as soon as the output dir appears: the build is setting up its work area
+    "out-created": lambda out: out.exists(),
+    # a few train shards are complete (or being renamed into place)
+    "first-shards": lambda out: _files(out, "train/*.tar") >= 2,
+    "half-way": lambda out: _files(out, "train/*.tar") >= 6,
+    # train is done, val in progress
+    "in-val": lambda out: _files(out, "val/*"),
+    # every shard is done: writing samples.parquet, errors.parquet, dataset.json, cleaning up
+    "finalizing": lambda out: (out / "train" / "samples.parquet").exists(),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_then_resume_is_byte_identical(crawl, reference, tmp_path, point, capsys):
+    out = tmp_path / "ds"
+    _killed_build(crawl.root, out, lambda: KILL_POINTS[point](out))
+    if point in ("first-shards", "half-way", "in-val"):
+        assert not (out / "dataset.json").exists()  # it really was cut short
+    opts = OPTS + (["--workers", "2"] if point == "half-way" else [])  # not an option of the output
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + opts) == 0
+    printed = capsys.readouterr().out
+    assert_same_tree(reference, out)
+    done = int(printed.split(" already complete")[0].rsplit("(", 1)[1])
+    least = {"half-way": 5, "in-val": 12}.get(point, 0)
+    assert least <= done <= 22  # complete shards were not redone
+
+
+def test_leftovers_of_a_kill_inside_a_write_are_not_kept(crawl, reference, tmp_path):
+    """A kill inside a write leaves NAME.tmp-PID; one right at the start an unstamped .build."""
+    out = tmp_path / "ds"
+    _killed_build(crawl.root, out, lambda: _files(out, "train/*.tar") >= 3)
+    for stray in ("train/shard-000007.tar.tmp-4242", "train/shard-000007.idx.tmp-4242",
+                  "train/samples.parquet.tmp-4242", "dataset.json.tmp-4242"):
+        write(out / stray, b"half written")
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + OPTS) == 0
+    assert_same_tree(reference, out)
+
+    fresh = tmp_path / "fresh"  # killed before the build wrote anything but its work dir
+    write(fresh / ".build" / "fingerprint.tmp-4242", b"")
+    assert main(["build", str(crawl.root), "-o", str(fresh), "--resume"] + OPTS) == 0
+    assert_same_tree(reference, fresh)
+
+
+def test_resume_with_other_options_is_refused(crawl, tmp_path, capsys):
+    out = tmp_path / "ds"
+    _killed_build(crawl.root, out, lambda: _files(out, "train/*.tar") >= 2)
+    before = tree(out)
+    for change in (["--shard-samples", "5"], ["--seed", "1"], ["--resize-short", "96"]):
+        opts = OPTS + change
+        assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + opts) == 2
+        err = capsys.readouterr().err
+        assert "started with other inputs or options" in err and "--overwrite" in err
+    with pytest.raises(ValueError, match="other inputs or options"):
+        build(crawl.root, out, shard_samples=4, resize_short=64, quality=80, resume=True,
+              workers=1, progress=False)
+    assert tree(out) == before  # nothing was touched
+
+
+def test_a_non_empty_output_dir_needs_resume_or_overwrite(crawl, reference, tmp_path, capsys):
+    out = tmp_path / "ds"
+    write(out / "precious.txt", b"keep me")
+    write(out / ".build" / "cache.bin", b"another tool's")
+    mine = tree(out)
+    assert main(["build", str(crawl.root), "-o", str(out)] + OPTS) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and "--overwrite" in err
+    with pytest.raises(FileExistsError):
+        quiet_build(crawl.root, out, shard_samples=4, resize_short=64)
+    assert tree(out) == mine
+    # --resume does not adopt a directory that no build started
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + OPTS) == 2
+    assert tree(out) == mine
+    assert main(["build", str(crawl.root), "-o", str(out), "--overwrite"] + OPTS) == 0
+    assert_same_tree(reference, out)
+    # resuming a finished dataset with the same options does nothing; with others it refuses
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + OPTS) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert_same_tree(reference, out)
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume", "--seed", "9"] + OPTS) == 2
+    assert "built with other options" in capsys.readouterr().err
+    assert_same_tree(reference, out)
+
+
+def test_overwrite_never_deletes_the_source(tmp_path, capsys):
+    src = tmp_path / "photos" / "crawl"
+    for i in range(3):
+        write(src / "cat" / f"{i}.jpg", encode(crop("chelsea", 60, 40, seed=i)))
+    before = tree(tmp_path)
+    for out in (src, src.parent, src / "cat" / ".."):
+        assert main(["build", str(src), "-o", str(out), "--overwrite", "-q"]) == 2
+        assert "refusing to --overwrite" in capsys.readouterr().err
+    assert tree(tmp_path) == before
