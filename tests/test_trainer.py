@@ -135,3 +135,26 @@ def test_threshold_samples_are_one_in_c_plus_one():
     assert len(ids) == 100 and len(set(ids.tolist())) == 100
     assert np.array_equal(ids, threshold_samples(1100, 10, seed=3))
     assert not np.array_equal(ids, threshold_samples(1100, 10, seed=4))
+
+
+def test_sigterm_checkpoints_and_resume_finishes(digits, tmp_path):
+    out = tmp_path / "term"
+    args = [sys.executable, "-m", "trainer.train", "--data", str(digits), "--out", str(out), "--epochs", "2",
+            "--batch-size", "8", "--lr", "0.1", *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the first epoch is under way
+        if line.startswith("epoch 0:"):
+            break
+    import time
+    time.sleep(3)
+    proc.send_signal(15)
+    rest = proc.stdout.read()
+    assert proc.wait(120) == 0, rest
+    assert "stopped at epoch 0" in rest
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["loader"][0]["batch"] < 180
+    done = _run(["--data", str(digits), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--lr", "0.1",
+                 "--resume", *COMMON])
+    assert f"resuming at batch {ckpt['loader'][0]['batch']}" in done.stdout
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

@@ -374,6 +374,9 @@ def main(argv=None) -> int:
         elif aum is not None:
             aum.reset()
         done0 = ld.state_dict()["batch"]
+        if rank == 0:
+            print(f"epoch {epoch}: {len(v)} entries, {len(ld)} batches of {args.batch_size} per rank, "
+                  f"size {size}" + (f", resuming at batch {done0}" if done0 else ""), flush=True)
         bar = None
         if rank == 0 and not args.no_progress:
             from tqdm import tqdm

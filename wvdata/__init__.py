@@ -1,13 +1,27 @@
 """wvdata: a data layer for training image models on large, noisy, web-crawled collections.
 
-Public functions (each CLI command is a thin layer over one of them):
-`build`, `info`, `open_dataset`; later stages add `view`, `loader`, `dedup`, ...
+Public functions (each CLI command is a thin layer over one of them): `build`, `info`,
+`open_dataset`, `view`, `loader`, `dedup`. `loader` loads lazily, so building and curating
+never import torch.
 """
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
 from .build import build
 from .dataset import Dataset, open_dataset
+from .dedup import dedup
 from .info import info
+from .views import view
 
-__all__ = ["build", "info", "open_dataset", "Dataset"]
+__all__ = ["build", "info", "open_dataset", "Dataset", "view", "loader", "dedup"]
 __version__ = "0.1.0"
+
+_LAZY = {"loader": "stream"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'wvdata' has no attribute {name!r}")

@@ -16,11 +16,6 @@ from math import comb
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
-    numba = None
-
 _MAX_B = 16  # substrings up to 16 bits: the bucket offsets of a table fit in L2 cache
 
 
@@ -49,6 +44,8 @@ def _flip_masks(b: int, nflip: int) -> np.ndarray:
 
 
 def _kernels():
+    import numba
+
     njit, prange = numba.njit, numba.prange
 
     @njit(inline="always")
@@ -99,7 +96,9 @@ _SEARCH = None
 
 
 def available() -> bool:
-    return numba is not None
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
 
 
 def _table(codes: np.ndarray, t: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
