@@ -144,3 +144,19 @@ def test_with_index_gives_sample_rows(balanced, backend):
         assert ids.dtype == torch.int64
         assert samples["key"].gather(ids.numpy()).to_list() == keys
         assert samples["label"].gather(ids.numpy()).to_list() == labels.tolist()
+
+
+def test_dali_device_cpu_is_explicit(balanced):
+    ld = loader(balanced, batch_size=8, backend="dali", image_size=32, num_workers=1, rank=0, world_size=1,
+                device="cpu")
+    assert ld.device_id is None
+    with pytest.raises(ValueError, match="device must be"):
+        loader(balanced, backend="dali", rank=0, world_size=1, device="tpu")
+
+
+def test_reader_keeps_few_files_open(balanced, monkeypatch):
+    from wvdata.stream import _Files
+
+    monkeypatch.setattr(_Files, "MAX_OPEN", 2)
+    ld = loader(balanced, batch_size=8, image_size=32, num_workers=0, rank=0, world_size=1)
+    assert len(_keys(ld)) == len(load_view(balanced, None, "train"))  # 4 shards through 2 slots

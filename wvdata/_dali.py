@@ -86,8 +86,8 @@ class DaliLoader:
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
                  rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
-                 window: int, device_id: int | None = None, shuffle_buffer: int | None = None,
-                 with_index: bool = False):
+                 window: int, device: str = "auto", device_id: int | None = None,
+                 shuffle_buffer: int | None = None, with_index: bool = False):
         if len(v) == 0:
             raise ValueError(f"view {v.name or v.split!r} has no entries")
         if is_url(v.dataset.root):
@@ -96,7 +96,13 @@ class DaliLoader:
         self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_threads, self.drop_last, self.shuffle, self.window = max(1, num_workers), drop_last, shuffle, window
-        if device_id is None and torch.cuda.is_available():
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("device='gpu' but CUDA is not available")
+        if device == "cpu":
+            device_id = None  # DALI's CPU-only mode: decode and augment on the CPU
+        elif device_id is None and torch.cuda.is_available():
             device_id = torch.cuda.current_device()
         self.device_id = device_id
         self.shuffle_buffer, self.with_index = shuffle_buffer, with_index
