@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-sizes", default=None, help="multi-scale testing sizes (default: --image-size)")
     p.add_argument("--eval-crops", type=int, default=1, choices=[1, 5, 10])
     p.add_argument("--randaug", default="2,9", help="RandAugment n,m (0,0: off)")
+    p.add_argument("--crop-scale", default="0.08,1", help="RandomResizedCrop area range")
     p.add_argument("--per-class", type=int, default=None, help="class balance: N entries per class per epoch")
     p.add_argument("--loader", default="torch", choices=["torch", "dali"])
     p.add_argument("--workers", type=int, default=4, help="loader workers (DALI threads) per rank")
@@ -292,6 +293,7 @@ def main(argv=None) -> int:
         select(ds, "train", subsets=[1])  # fail now, naming `wvdata curriculum`, if it was not run
     train_sizes = [int(s) for s in args.train_sizes.split(",")] if args.train_sizes else [args.image_size]
     randaug = tuple(int(v) for v in args.randaug.split(","))
+    crop_scale = tuple(float(v) for v in args.crop_scale.split(","))
 
     model = build_model(args, num_outputs, device)
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
@@ -366,7 +368,8 @@ def main(argv=None) -> int:
         size = train_sizes[epoch % len(train_sizes)]
         v = epoch_view(ds, args, epoch_stage[epoch], epoch, base_keys)
         ld = loader(ds, view=v, batch_size=args.batch_size, backend=args.loader, train=True, image_size=size,
-                    seed=args.seed, num_workers=args.workers, randaug=randaug, with_index=True)
+                    seed=args.seed, num_workers=args.workers, randaug=randaug, scale=crop_scale,
+                    with_index=True)
         ld.set_epoch(epoch)
         if loader_state is not None:
             ld.load_state_dict(loader_state)
