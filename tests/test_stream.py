@@ -2,7 +2,6 @@
 import shutil
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 

@@ -17,18 +17,16 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ._order import epoch_order, num_batches, rank_plan
 from ._tar import format_idx, parse_idx
 from ._transforms import TransformConfig
 from .dataset import is_url
-from .stream import LoaderStats
+from .stream import LoaderBase
 from .views import View
 
 log = logging.getLogger("wvdata.stream")
@@ -79,23 +77,17 @@ def _pipeline(paths, index_paths, cfg: TransformConfig, batch_size: int, num_thr
                     seed=seed, prefetch_queue_depth=2)
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """Same interface and epoch semantics as TorchLoader, DALI underneath."""
 
     backend = "dali"
 
-    def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
-                 rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
-                 window: int, device: str = "auto", device_id: int | None = None,
-                 shuffle_buffer: int | None = None, with_index: bool = False):
-        if len(v) == 0:
-            raise ValueError(f"view {v.name or v.split!r} has no entries")
+    def __init__(self, v: View, *, num_workers: int, device: str = "auto", device_id: int | None = None,
+                 shuffle_buffer: int | None = None, **common: Any):
+        super().__init__(v, **common)
         if is_url(v.dataset.root):
             raise ValueError("the dali backend reads local (or mounted) datasets; use backend='torch' "
                              f"for {v.dataset.root}")
-        self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_threads, self.drop_last, self.shuffle, self.window = max(1, num_workers), drop_last, shuffle, window
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
@@ -104,55 +96,35 @@ class DaliLoader:
             device_id = None  # DALI's CPU-only mode: decode and augment on the CPU
         elif device_id is None and torch.cuda.is_available():
             device_id = torch.cuda.current_device()
-        self.device_id = device_id
-        self.shuffle_buffer, self.with_index = shuffle_buffer, with_index
-        self.epoch, self._batch, self._resuming = 0, 0, False
+        self.device_id, self.num_threads, self.shuffle_buffer = device_id, max(1, num_workers), shuffle_buffer
         self._consumed: list[int] = []
-        self.stats = LoaderStats()
         self._bad: set[int] = set()
         e = v.entries
-        self._shard_id = e["shard_id"].to_numpy()
         self._keys = e["key"].to_list()
         self._labels = e["label"].to_numpy().astype(np.int64)
         self._sample = e["sample"].to_numpy().astype(np.int64)
         self._offsets = e["data_offset"].to_numpy()
+        self._sizes = e["bytes"].to_numpy()
         self._paths = [v.dataset.shard_path(v.split, s) for s in v.shards]
         self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(self._shard_id, self._offsets))}
         # repeats of one sample share one canonical position: consumption is counted per sample
         self._canon = np.array([self._where[(int(s), int(o))] for s, o in zip(self._shard_id, self._offsets)],
                                dtype=np.int64)
-        self._lines: dict[int, list[str]] | None = None
+        self._lines: dict[int, dict[int, str]] | None = None
         self._tmp = tempfile.mkdtemp(prefix="wvdata-dali-")
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
-    image_size = property(lambda self: self.cfg.image_size,
-                          lambda self, size: setattr(self, "cfg", replace(self.cfg, image_size=int(size))))
-
-    def __len__(self) -> int:
-        return num_batches(len(self.view), self.world_size, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._batch, self._consumed = epoch, 0, []
-
-    def positions(self, epoch: int) -> np.ndarray:
-        order = epoch_order(self._shard_id, self.seed, epoch, self.shuffle, self.window)
-        return rank_plan(order, self.rank, self.world_size, self.batch_size, self.drop_last).positions
+    def _restart(self) -> None:
+        self._consumed = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "world_size": self.world_size,
-                "entries": len(self.view), "image_size": self.image_size,
-                "consumed": np.asarray(self._consumed, dtype=np.int64)}
+        return {**super().state_dict(), "consumed": np.asarray(self._consumed, dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["entries"], state["world_size"]) != (len(self.view), self.world_size):
-            raise ValueError("loader state is for another view or world size")
-        self.seed, self.epoch, self._batch = state["seed"], state["epoch"], state["batch"]
+        super().load_state_dict(state)
         self._consumed = [int(p) for p in state.get("consumed", [])]
-        self.image_size = state.get("image_size", self.image_size)
-        self._resuming = True  # the next iteration continues; later ones start epochs afresh
 
     def _idx_lines(self) -> dict[int, list[str]]:
         if self._lines is None:
@@ -202,18 +174,13 @@ class DaliLoader:
             try:
                 f = files.get(sid) or files.setdefault(sid, open(self._paths[sid], "rb"))
                 f.seek(int(self._offsets[p]))
-                data = f.read(int(self.view.entries["bytes"][p]))
+                data = f.read(int(self._sizes[p]))
                 img = Image.open(io.BytesIO(data))
                 img.draft("RGB", (1, 1))
                 img.load()
             except Exception as e:  # noqa: BLE001
                 bad.add(p)
-                shard = self.view.shards[sid]
-                if shard not in self.stats.skipped_by_shard:
-                    log.warning("skipping unreadable samples in %s/%s (first: %s: %s)", self.view.split,
-                                shard, self._keys[p], f"{type(e).__name__}: {e}")
-                self.stats.skipped_by_shard[shard] = self.stats.skipped_by_shard.get(shard, 0) + 1
-                self.stats.skipped += 1
+                self._note_bad([(sid, self._keys[p], f"{type(e).__name__}: {e}")])
         for f in files.values():
             f.close()
         return bad
@@ -221,9 +188,7 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if not self._resuming:
-            self._batch, self._consumed = 0, []
-        self._resuming = False
+        self._begin()
         epoch = self.epoch
         total = len(self)
         while self._batch < total:

@@ -169,23 +169,22 @@ class LoaderStats:
     skipped_by_shard: dict[str, int] = field(default_factory=dict)
 
 
-class TorchLoader:
-    """The torch backend: byte-range reads + PIL decode in DataLoader worker processes."""
+class LoaderBase:
+    """What both backends share: the epoch plan, len(), set_epoch, state, skip accounting."""
 
-    backend = "torch"
+    backend = "?"
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
-                 rank: int, world_size: int, num_workers: int, drop_last: bool, shuffle: bool,
-                 window: int, pin_memory: bool = False, prefetch_factor: int = 2, with_index: bool = False):
+                 rank: int, world_size: int, drop_last: bool, shuffle: bool, window: int,
+                 with_index: bool = False):
         if len(v) == 0:
             raise ValueError(f"view {v.name or v.split!r} has no entries")
         self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers, self.drop_last, self.shuffle, self.window = num_workers, drop_last, shuffle, window
-        self.pin_memory, self.prefetch_factor, self.with_index = pin_memory, prefetch_factor, with_index
+        self.drop_last, self.shuffle, self.window, self.with_index = drop_last, shuffle, window, with_index
         self.epoch, self._batch, self._resuming = 0, 0, False
         self.stats = LoaderStats()
-        self._src = _Source.of(v)
+        self._shard_id = v.entries["shard_id"].to_numpy()
 
     @property
     def image_size(self) -> int:
@@ -202,10 +201,11 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._batch = epoch, 0
+            self._restart()
 
     def positions(self, epoch: int) -> np.ndarray:
-        """This rank's entry positions for `epoch`, in the order they are yielded."""
-        order = epoch_order(self._src.shard_id, self.seed, epoch, self.shuffle, self.window)
+        """This rank's entry positions for `epoch` (the torch backend yields them in this order)."""
+        order = epoch_order(self._shard_id, self.seed, epoch, self.shuffle, self.window)
         return rank_plan(order, self.rank, self.world_size, self.batch_size, self.drop_last).positions
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,6 +220,16 @@ class TorchLoader:
         self.image_size = state.get("image_size", self.image_size)
         self._resuming = True  # the next iteration continues; later ones start epochs afresh
 
+    def _begin(self) -> None:
+        """Start of an iteration: from the restored position once, else from the epoch's start."""
+        if not self._resuming:
+            self._batch = 0
+            self._restart()
+        self._resuming = False
+
+    def _restart(self) -> None:
+        """Forget progress within the epoch (backends with more state extend this)."""
+
     def _note_bad(self, bad: list[tuple[int, str, str]]) -> None:
         for shard_id, key, why in bad:
             shard = self.view.shards[shard_id]
@@ -229,10 +239,20 @@ class TorchLoader:
             self.stats.skipped_by_shard[shard] = self.stats.skipped_by_shard.get(shard, 0) + 1
             self.stats.skipped += 1
 
+
+class TorchLoader(LoaderBase):
+    """The torch backend: byte-range reads + PIL decode in DataLoader worker processes."""
+
+    backend = "torch"
+
+    def __init__(self, v: View, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2,
+                 **common: Any):
+        super().__init__(v, **common)
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self._src = _Source.of(v)
+
     def __iter__(self) -> Iterator[Batch]:
-        if not self._resuming:
-            self._batch = 0
-        self._resuming = False
+        self._begin()
         epoch, start = self.epoch, self._batch
         data = _Batches(self._src, self.positions(epoch), self.batch_size, self.cfg, self.seed,
                         epoch, self.rank)
