@@ -88,8 +88,7 @@ def _read_batches(args: tuple[list[str], Any, Any, Any, list[np.ndarray]]) -> tu
         for p in positions:
             files.read(shard_id[p], offset[p], size[p])
         n += len(positions)
-    for f in files.open.values():
-        f.close()
+    files.close()
     return n, time.process_time() - c0
 
 

@@ -92,8 +92,7 @@ class _Files:
             self.open.move_to_end(shard)
         else:
             if len(self.open) >= self.MAX_OPEN:
-                _, old = self.open.popitem(last=False)
-                os.close(old) if isinstance(old, int) else old.close()
+                self._close(self.open.popitem(last=False)[1])
             path = self.paths[shard]
             if is_url(path):
                 import fsspec
@@ -111,6 +110,16 @@ class _Files:
         if len(data) != size:
             raise EOFError(f"short read: {len(data)} of {size} bytes at offset {offset}")
         return data
+
+    @staticmethod
+    def _close(f) -> None:
+        os.close(f) if isinstance(f, int) else f.close()
+
+    def close(self) -> None:
+        while self.open:
+            self._close(self.open.popitem()[1])
+
+    __del__ = close
 
 
 class _Batches(torch.utils.data.Dataset):
