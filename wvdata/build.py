@@ -297,7 +297,7 @@ def build(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "auto
     for split in splits_present:
         rows = [r for r in inputs.rows if r.split == split]
         for i, shard_rows in enumerate(plan_shards(rows, opts)):
-            tasks.append(ShardTask(out, split, f"shard-{i:06d}", shard_rows, inputs.classes, image_opts))
+            tasks.append(ShardTask(os.path.abspath(out), split, f"shard-{i:06d}", shard_rows, inputs.classes, image_opts))
     todo = [t for t in tasks if not (resume and shard_done(t))]
     summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo))
     from tqdm import tqdm
