@@ -71,18 +71,24 @@ def thumb_size(hash: str, hash_size: int) -> tuple[int, int]:
     raise ValueError(f"unknown hash {hash!r}; use one of {HASHES}")
 
 
+def _open_draft(data: bytes, mode: str, min_side: int, exact: bool):
+    """Open encoded bytes; in fast mode a JPEG is decoded reduced (DCT scaling) to no less
+    than min_side a side, and the box of the original extent in reduced pixels comes back."""
+    img = Image.open(io.BytesIO(data))
+    if not exact:
+        r = img.draft(mode, (min_side, min_side))
+        if r is not None:
+            return img, r[1]
+    return img, None
+
+
 def decode_gray(data: bytes, exact: bool, min_side: int = FAST_MIN_SIDE):
     """Open encoded bytes as an "L" image; returns (image, content box in its pixels).
 
     In fast mode JPEGs are decoded reduced (luma only) to no less than min_side a side; the
     box is then the exact original extent in reduced pixels (it can be fractional).
     """
-    img = Image.open(io.BytesIO(data))
-    box = None
-    if not exact:
-        r = img.draft("L", (min_side, min_side))
-        if r is not None:
-            box = r[1]
+    img, box = _open_draft(data, "L", min_side, exact)
     img = img.convert("L")
     if box is None:
         box = (0.0, 0.0, float(img.width), float(img.height))
@@ -162,12 +168,7 @@ def _decode_for_hash(data: bytes, exact: bool, min_side: int, chroma: bool = Tru
     Fast: JPEG draft to YCbCr at reduced scale (one entropy decode gives luma and chroma).
     Exact: full decode and convert("L") as imagehash does; chroma from the full RGB image.
     """
-    img = Image.open(io.BytesIO(data))
-    box = None
-    if not exact:
-        r = img.draft("YCbCr", (min_side, min_side))
-        if r is not None:
-            box = r[1]
+    img, box = _open_draft(data, "YCbCr", min_side, exact)
     img.load()
     if exact and not chroma:
         gray = img.convert("L")
