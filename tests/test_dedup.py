@@ -195,7 +195,8 @@ def test_unverified_hash_matches_are_false_duplicates(dataset, crawl):
 def test_multihash_equals_flat(dataset):
     a = _dedup(dataset, workers=1, progress=False, method="flat").table
     b = _dedup(dataset, workers=1, progress=False, method="multihash").table
-    assert a.equals(b)
+    c = _dedup(dataset, workers=1, progress=False, method="mih").table  # the large-set default
+    assert a.equals(b) and a.equals(c)
 
 
 def test_cli_and_reports(dataset, tmp_path, capsys):
