@@ -24,7 +24,7 @@ def bench_images(n: int, seed: int = 0) -> list[bytes]:
     """n JPEGs (q90) cut from bundled photos, long side 400-1200 px like crawled images."""
     from PIL import Image
 
-    from wvdata import _dedup_synth as synth
+    from wvdata.synth import duplicates as synth
 
     rng = np.random.default_rng(seed)
     photos = [synth.photo(p) for p in synth.PHOTOS]
@@ -57,7 +57,7 @@ def run_hashing(n_images: int) -> dict[str, float]:
     import imagehash
     from PIL import Image
 
-    from wvdata._phash import FULL, hash_images, to_hex
+    from wvdata.dedup.hashing import FULL, hash_images, to_hex
     from wvdata.dedup import SEARCH_VIEWS
 
     datas = bench_images(n_images)
@@ -90,7 +90,7 @@ def run_hashing(n_images: int) -> dict[str, float]:
 
 
 def run_search(n: int, radius: int, n_planted: int, brute_queries: int, seed: int = 0) -> dict:
-    from wvdata._dedup_index import brute_force_pairs, range_pairs
+    from wvdata.dedup.search import brute_force_pairs, range_pairs
 
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
@@ -102,7 +102,7 @@ def run_search(n: int, radius: int, n_planted: int, brute_queries: int, seed: in
         bits = np.unpackbits(codes[s])
         bits[rng.choice(64, k, replace=False)] ^= 1
         codes[d] = np.packbits(bits)
-    from wvdata import _mih
+    from wvdata.dedup import _mih
 
     nhash, b, nflip = _mih.params(n, radius)
     print(f"search: {n} random 64-bit hashes, radius {radius}, {n_planted} planted pairs "
@@ -144,8 +144,8 @@ def run_quality() -> None:
     of look-alikes, 64-bit search hash (min over views) and crop-aligned 256-bit pHash."""
     import itertools
 
-    from wvdata import _dedup_synth as synth
-    from wvdata._phash import aligned_distance, hamming, hash_images
+    from wvdata.synth import duplicates as synth
+    from wvdata.dedup.hashing import aligned_distance, hamming, hash_images
     from wvdata.dedup import SEARCH_VIEWS
 
     def search_d(a: bytes, b: bytes, views) -> tuple[int, int]:

@@ -79,7 +79,7 @@ def cpu_seconds() -> float:
 # ---------------------------------------------------------------- row 1: raw reads
 
 def _read_batches(args: tuple[list[str], Any, Any, Any, list[np.ndarray]]) -> tuple[int, float]:
-    from wvdata.stream import _Files
+    from wvdata.stream.base import ShardFiles as _Files
 
     paths, shard_id, offset, size, batches = args
     c0, n = time.process_time(), 0
@@ -139,7 +139,7 @@ def wds_baseline(urls: list[str], workers: int, seed: int):
     import webdataset as wds
     from torchvision.transforms import v2
 
-    from wvdata._transforms import IMAGENET_MEAN, IMAGENET_STD
+    from wvdata.stream.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     transform = v2.Compose([v2.RandomResizedCrop(SIZE), v2.RandomHorizontalFlip(),
                             v2.RandAugment(2, 9), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),

@@ -18,7 +18,7 @@ import polars as pl
 from PIL import Image
 
 from wvdata import build
-from wvdata._tar import parse_idx
+from wvdata.build.tar import parse_idx
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 

@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from wvdata import _dedup_synth as synth
+from wvdata.synth import duplicates as synth
 from wvdata.build import build
 from wvdata.dataset import open_dataset
-from wvdata.dedup import OUT_SCHEMA, _dedup, add_cli, dedup, format_summary
+from wvdata.dedup import OUT_SCHEMA, add_cli, dedup, find_duplicates, format_summary
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "clock", "moon", "page")
 
@@ -185,7 +185,7 @@ def test_no_duplicates_no_clusters(tmp_path):
 
 def test_unverified_hash_matches_are_false_duplicates(dataset, crawl):
     """Without the 256-bit check, raw 64-bit matches merge look-alikes: the check is load-bearing."""
-    res = _dedup(dataset, splits=("train",), workers=1, progress=False, verify=False)
+    res = find_duplicates(dataset, splits=("train",), workers=1, progress=False, verify=False)
     g = _groups(dataset, crawl[1]).join(res.table, on="key")
     look = g.filter(pl.col("src_path").str.contains("lookalike"))
     assert (look["cluster"] >= 0).sum() >= 5
@@ -193,9 +193,9 @@ def test_unverified_hash_matches_are_false_duplicates(dataset, crawl):
 
 
 def test_multihash_equals_flat(dataset):
-    a = _dedup(dataset, workers=1, progress=False, method="flat").table
-    b = _dedup(dataset, workers=1, progress=False, method="multihash").table
-    c = _dedup(dataset, workers=1, progress=False, method="mih").table  # the large-set default
+    a = find_duplicates(dataset, workers=1, progress=False, method="flat").table
+    b = find_duplicates(dataset, workers=1, progress=False, method="multihash").table
+    c = find_duplicates(dataset, workers=1, progress=False, method="mih").table  # the large-set default
     assert a.equals(b) and a.equals(c)
 
 
@@ -226,7 +226,7 @@ def test_exact_mode_hash_equals_imagehash(dataset):
     import imagehash
 
     ds = open_dataset(dataset)
-    table = _dedup(dataset, splits=("val", "test"), workers=1, progress=False, exact=True).table
+    table = find_duplicates(dataset, splits=("val", "test"), workers=1, progress=False, exact=True).table
     want = {k: str(imagehash.phash(Image.open(io.BytesIO(b)))) for split in ("val", "test")
             for k, b in ds.iter_images(split)}
     assert dict(zip(table["key"], table["hash"])) == want
@@ -237,17 +237,17 @@ def test_ray_engine_matches_local(dataset):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        a = _dedup(dataset, engine="ray", progress=False)
+        a = find_duplicates(dataset, engine="ray", progress=False)
     finally:
         ray.shutdown()
-    b = _dedup(dataset, workers=1, progress=False)
+    b = find_duplicates(dataset, workers=1, progress=False)
     assert a.table.equals(b.table)
     assert a.stats["aligned_checks"] == b.stats["aligned_checks"] > 0
 
 
 @pytest.mark.parametrize("radius", [3, 8, 10, 12])
 def test_mih_search_is_exact_against_brute_force(radius):
-    from wvdata._dedup_index import brute_force_pairs, range_pairs
+    from wvdata.dedup.search import brute_force_pairs, range_pairs
 
     rng = np.random.default_rng(radius)
     codes = rng.integers(0, 256, size=(30000, 8), dtype=np.uint8)

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from wvdata._order import epoch_order, num_batches, rank_plan
+from wvdata.stream.order import epoch_order, num_batches, rank_plan
 
 
 def _shards(n_shards=10, per=7):

@@ -1,4 +1,4 @@
-"""wvdata._phash: bit equality with imagehash (exact mode), closeness of the fast mode, the
+"""wvdata.dedup.hashing: bit equality with imagehash (exact mode), closeness of the fast mode, the
 crop-aligned distance, and the FAISS range search against a brute force."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wvdata import _dedup_synth as synth
-from wvdata._dedup_index import UnionFind, brute_force_pairs, multihash_params, range_pairs
-from wvdata._phash import FULL, aligned_distance, hamming, hash_images, to_hex
+from wvdata.synth import duplicates as synth
+from wvdata.dedup.cluster import UnionFind
+from wvdata.dedup.search import brute_force_pairs, multihash_params, range_pairs
+from wvdata.dedup.hashing import FULL, aligned_distance, hamming, hash_images, to_hex
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_dali_device_cpu_is_explicit(balanced):
 
 
 def test_reader_keeps_few_files_open(balanced, monkeypatch):
-    from wvdata.stream import _Files
+    from wvdata.stream.base import ShardFiles as _Files
 
     monkeypatch.setattr(_Files, "MAX_OPEN", 2)
     ld = loader(balanced, batch_size=8, image_size=32, num_workers=0, rank=0, world_size=1)

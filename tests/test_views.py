@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from wvdata import open_dataset
-from wvdata._tar import parse_idx
+from wvdata.build.tar import parse_idx
 from wvdata.cli import main
 from wvdata.views import balance_per_class, load_view, select, view, write_view
 

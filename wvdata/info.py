@@ -66,3 +66,11 @@ def format_info(data: dict[str, Any]) -> str:
         if reasons.row_count:
             console.print(reasons)
     return cap.get()
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `wvdata info`."""
+    p = subparsers.add_parser("info", help="classes, samples, shards, errors of a dataset",
+                              description=__doc__)
+    p.add_argument("dataset", help="dataset directory (or fsspec URL)")
+    p.set_defaults(func=lambda args: print(format_info(info(args.dataset)), end="") or 0)

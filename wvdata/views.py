@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ._tar import format_idx, write_atomic
+from .build.tar import format_idx, write_atomic
 from .dataset import Dataset, join, open_dataset, open_file
 
 ENTRY_COLUMNS = ["key", "sample", "label", "shard", "data_offset", "bytes", "width", "height"]
@@ -206,12 +206,13 @@ def load_view(dataset: str | os.PathLike | Dataset, name: str | None = None, spl
     return View(ds, meta["split"], name, entries)
 
 
-def add_cli(sub) -> None:
+def add_cli(sub: Any) -> None:
     """Register `wvdata view`."""
-    p = sub.add_parser("view", help="write a view: filtered / class-balanced entries of a split")
-    p.add_argument("dataset")
-    p.add_argument("name")
-    p.add_argument("--split", default="train")
+    p = sub.add_parser("view", help="write a view: filtered / class-balanced entries of a split",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset", help="dataset directory")
+    p.add_argument("name", help="view name: written to DATASET/views/NAME")
+    p.add_argument("--split", default="train", help="split the view is over (default: train)")
     p.add_argument("--drop-duplicates", action="store_true", help="keep one image per dedup cluster")
     p.add_argument("--drop-leaks", action="store_true", help="drop train images that leak into val/test")
     p.add_argument("--drop-aum", type=float, default=None, metavar="FRACTION",
@@ -221,7 +222,7 @@ def add_cli(sub) -> None:
     p.add_argument("--per-class", type=int, default=None, metavar="N", help="exactly N entries per class")
     p.add_argument("--where", default=None, help="SQL filter over samples + annotations, "
                    "e.g. \"source = 'flickr' AND width >= 300\"")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --per-class draw (default: 0)")
     p.set_defaults(func=_cmd_view)
 
 

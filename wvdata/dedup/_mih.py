@@ -21,7 +21,12 @@ _MAX_B = 16  # substrings up to 16 bits: the bucket offsets of a table fit in L2
 
 def params(n: int, radius: int) -> tuple[int, int, int]:
     """(nhash, b, nflip) minimising probes + expected candidates per query over n codes."""
-    best = None
+    return best(n, radius)[1:]
+
+
+def best(n: int, radius: int) -> tuple[float, int, int, int]:
+    """(cost per query, nhash, b, nflip) of the cheapest parameters (see `params`)."""
+    top = None
     for nhash in range(2, 65):
         b = min(_MAX_B, 64 // nhash)
         if b < 4:
@@ -29,10 +34,10 @@ def params(n: int, radius: int) -> tuple[int, int, int]:
         nflip = radius // nhash
         probes = nhash * sum(comb(b, k) for k in range(nflip + 1))
         cost = probes * (2.0 + n / 2.0 ** b)
-        if best is None or cost < best[0]:
-            best = (cost, nhash, b, nflip)
-    assert best is not None
-    return best[1], best[2], best[3]
+        if top is None or cost < top[0]:
+            top = (cost, nhash, b, nflip)
+    assert top is not None
+    return top
 
 
 def _flip_masks(b: int, nflip: int) -> np.ndarray:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._tar import format_idx, parse_idx
-from ._transforms import TransformConfig
-from .dataset import is_url
-from .stream import LoaderBase
-from .views import View
+from ..build.tar import format_idx, parse_idx
+from ..dataset import is_url
+from ..views import View
+from .base import EntryArrays, LoaderBase, ShardFiles
+from .transforms import TransformConfig
 
 log = logging.getLogger("wvdata.stream")
 _INFO_LEN = 1024
@@ -99,16 +99,10 @@ class DaliLoader(LoaderBase):
         self.device_id, self.num_threads, self.shuffle_buffer = device_id, max(1, num_workers), shuffle_buffer
         self._consumed: list[int] = []
         self._bad: set[int] = set()
-        e = v.entries
-        self._keys = e["key"].to_list()
-        self._labels = e["label"].to_numpy().astype(np.int64)
-        self._sample = e["sample"].to_numpy().astype(np.int64)
-        self._offsets = e["data_offset"].to_numpy()
-        self._sizes = e["bytes"].to_numpy()
-        self._paths = [v.dataset.shard_path(v.split, s) for s in v.shards]
-        self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(self._shard_id, self._offsets))}
+        e = self.entries
+        self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(e.shard_id, e.offset))}
         # repeats of one sample share one canonical position: consumption is counted per sample
-        self._canon = np.array([self._where[(int(s), int(o))] for s, o in zip(self._shard_id, self._offsets)],
+        self._canon = np.array([self._where[(int(s), int(o))] for s, o in zip(e.shard_id, e.offset)],
                                dtype=np.int64)
         self._lines: dict[int, dict[int, str]] | None = None
         self._tmp = tempfile.mkdtemp(prefix="wvdata-dali-")
@@ -141,14 +135,14 @@ class DaliLoader(LoaderBase):
         """One .idx per shard touched, in order of first appearance, entries in order."""
         groups: dict[int, list[int]] = defaultdict(list)
         for p in positions:
-            groups[int(self._shard_id[p])].append(p)
+            groups[int(self.entries.shard_id[p])].append(p)
         lines = self._idx_lines()
         paths, idx = [], []
         for sid, ps in groups.items():
             path = os.path.join(self._tmp, f"{tag}-{sid}.idx")
             with open(path, "w") as f:
-                f.write(format_idx([lines[sid][int(self._offsets[p])] for p in ps]))
-            paths.append(self._paths[sid])
+                f.write(format_idx([lines[sid][int(self.entries.offset[p])] for p in ps]))
+            paths.append(self.entries.paths[sid])
             idx.append(path)
         biggest = max((len(ps) for ps in groups.values()), default=1)
         return paths, idx, max(1, min(len(positions), biggest * self.window))
@@ -168,21 +162,19 @@ class DaliLoader(LoaderBase):
     def _find_bad(self, positions: list[int]) -> set[int]:
         """Decode every remaining entry at 1/8 scale to find the ones DALI choked on."""
         bad = set()
-        files: dict[int, Any] = {}
-        for p in dict.fromkeys(positions):
-            sid = int(self._shard_id[p])
-            try:
-                f = files.get(sid) or files.setdefault(sid, open(self._paths[sid], "rb"))
-                f.seek(int(self._offsets[p]))
-                data = f.read(int(self._sizes[p]))
-                img = Image.open(io.BytesIO(data))
-                img.draft("RGB", (1, 1))
-                img.load()
-            except Exception as e:  # noqa: BLE001
-                bad.add(p)
-                self._note_bad([(sid, self._keys[p], f"{type(e).__name__}: {e}")])
-        for f in files.values():
-            f.close()
+        e = self.entries
+        files = ShardFiles(e.paths)
+        try:
+            for p in dict.fromkeys(positions):
+                try:
+                    img = Image.open(io.BytesIO(files.read(e.shard_id[p], e.offset[p], e.size[p])))
+                    img.draft("RGB", (1, 1))
+                    img.load()
+                except Exception as exc:  # noqa: BLE001
+                    bad.add(p)
+                    self._note_bad([(int(e.shard_id[p]), e.keys[p], f"{type(exc).__name__}: {exc}")])
+        finally:
+            files.close()
         return bad
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -206,8 +198,9 @@ class DaliLoader(LoaderBase):
                     pos = [self._position(bytes(row).rstrip(b"\0").decode()) for row in info]
                     self._consumed.extend(pos)
                     self._batch += 1
-                    batch = (images, torch.as_tensor(self._labels[pos]), [self._keys[p] for p in pos])
-                    yield (*batch, torch.as_tensor(self._sample[pos])) if self.with_index else batch
+                    e = self.entries
+                    batch = (images, torch.as_tensor(e.label[pos]), [e.keys[p] for p in pos])
+                    yield (*batch, torch.as_tensor(e.sample[pos])) if self.with_index else batch
             except RuntimeError as e:  # a corrupt sample: find it, replace it, continue
                 newly = self._find_bad(remaining) - self._bad
                 if not newly:
@@ -220,4 +213,4 @@ class DaliLoader(LoaderBase):
 
     def _position(self, source_info: str) -> int:
         path, offset, _ = source_info.rsplit(":", 2)
-        return self._where[(self._paths.index(path), int(offset))]
+        return self._where[(self.entries.paths.index(path), int(offset))]

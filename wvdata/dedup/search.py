@@ -1,4 +1,4 @@
-"""Hamming range search over packed binary hashes (FAISS), its brute-force baseline, union-find.
+"""Hamming range search over packed binary hashes (FAISS or our compiled MIH), its brute-force baseline.
 
 FAISS's binary range_search keeps distances strictly below its radius, so every call here
 passes radius + 1 and returns pairs with distance <= radius.
@@ -10,9 +10,45 @@ from math import comb
 import numpy as np
 
 from . import _mih
+from .hashing import Hashes
 
-FLAT_MAX = 200_000  # up to this many indexed hashes an exhaustive IndexBinaryFlat is used
+METHODS = ("flat", "multihash", "mih")
 _PROBE_COST = 16.0  # a bucket probe costs about as much as this many candidate distances
+# Seconds per unit of each method's cost model, fitted on the 2-core reference machine at 1M
+# 64-bit codes, radius 10 (benchmarks/results/dedup-cpu.txt: flat 743 s, FAISS multihash
+# 4,954 s, mih 23.5 s for 1M queries). Only their ratios matter for choosing.
+_FLAT_S_PER_DISTANCE = 7.4e-10
+_MULTIHASH_S_PER_UNIT = 2.9e-7
+_MIH_S_PER_UNIT = 2.5e-9
+_MIH_START_S = 1.0  # loading the compiled kernels
+
+
+def search_costs(n_base: int, n_queries: int, bits: int, radius: int) -> dict[str, float]:
+    """Estimated seconds of each exact search method for these sizes (mih: 64-bit codes only)."""
+    costs = {"flat": n_base * n_queries * _FLAT_S_PER_DISTANCE * bits / 64,
+             "multihash": n_queries * _multihash_best(n_base, bits, radius)[0] * _MULTIHASH_S_PER_UNIT}
+    if bits == 64 and _mih.available():
+        costs["mih"] = _MIH_START_S + n_queries * _mih.best(n_base, radius)[0] * _MIH_S_PER_UNIT
+    return costs
+
+
+def choose_method(n_base: int, n_queries: int, bits: int, radius: int) -> str:
+    """The cheapest method by `search_costs` (all of them give the same pairs)."""
+    costs = search_costs(n_base, n_queries, bits, radius)
+    return min(costs, key=costs.__getitem__)
+
+
+def _multihash_best(n: int, bits: int, radius: int) -> tuple[float, int, int, int]:
+    best = None
+    for b in range(8, min(bits, 32) + 1):
+        nhash = bits // b
+        nflip = radius // nhash
+        probes = sum(comb(b, k) for k in range(nflip + 1))
+        cost = nhash * probes * (_PROBE_COST + n / 2.0 ** b)
+        if best is None or cost < best[0]:
+            best = (cost, nhash, b, nflip)
+    assert best is not None
+    return best
 
 
 def multihash_params(n: int, bits: int, radius: int) -> tuple[int, int, int]:
@@ -23,16 +59,7 @@ def multihash_params(n: int, bits: int, radius: int) -> tuple[int, int, int]:
     every bucket within nflip = floor(radius / nhash) flips of each substring finds them all.
     Cost per query ~ nhash * probes * (probe cost + n / 2^b); pick the cheapest b.
     """
-    best = None
-    for b in range(8, min(bits, 32) + 1):
-        nhash = bits // b
-        nflip = radius // nhash
-        probes = sum(comb(b, k) for k in range(nflip + 1))
-        cost = nhash * probes * (_PROBE_COST + n / 2.0 ** b)
-        if best is None or cost < best[0]:
-            best = (cost, nhash, b, nflip)
-    assert best is not None
-    return best[1], best[2], best[3]
+    return _multihash_best(n, bits, radius)[1:]
 
 
 def range_pairs(base: np.ndarray, queries: np.ndarray, radius: int,
@@ -42,7 +69,7 @@ def range_pairs(base: np.ndarray, queries: np.ndarray, radius: int,
     base, queries: (n, bytes) uint8 packed codes. method: "flat" (FAISS exhaustive, on the GPU
     when faiss-gpu sees one), "multihash" (FAISS IndexBinaryMultiHash), "mih" (our compiled
     multi-index hashing for 64-bit codes, ~100x faster than FAISS's at 1M codes, radius 10) or
-    "auto" (flat up to FLAT_MAX base codes, then mih for 64-bit codes, else multihash).
+    "auto" (the cheapest by `search_costs`).
     """
     import faiss
 
@@ -50,7 +77,7 @@ def range_pairs(base: np.ndarray, queries: np.ndarray, radius: int,
     queries = np.ascontiguousarray(queries, dtype=np.uint8)
     bits = base.shape[1] * 8
     if method == "auto":
-        method = "flat" if len(base) <= FLAT_MAX else ("mih" if bits == 64 and _mih.available() else "multihash")
+        method = choose_method(len(base), len(queries), bits, radius)
     if len(base) == 0 or len(queries) == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
@@ -96,28 +123,18 @@ def brute_force_pairs(base: np.ndarray, queries: np.ndarray, radius: int,
             np.concatenate(out_d).astype(np.int64))
 
 
-class UnionFind:
-    """Disjoint sets over 0..n-1 with path halving and union by size."""
-
-    def __init__(self, n: int):
-        self.parent = np.arange(n, dtype=np.int64)
-        self.size = np.ones(n, dtype=np.int64)
-
-    def find(self, x: int) -> int:
-        p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = p[x]
-        return int(x)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] < self.size[rb]:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size[rb]
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+def candidate_pairs(h: Hashes, radius: int, method: str, flat_std: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique (i < j, distance) pairs: whole-image hash of one within radius of a view of the other."""
+    n, v, _ = h.bits.shape
+    rows = np.nonzero(h.ok & (h.std >= flat_std))[0]
+    base = h.bits[rows].reshape(len(rows) * v, -1)
+    q, b, d = range_pairs(base, h.bits[rows, 0], radius, method)
+    i, j = rows[q], rows[b // v]
+    keep = i != j
+    i, j, d = i[keep], j[keep], d[keep]
+    a, c = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((d, c, a))
+    a, c, d = a[order], c[order], d[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (c[1:] != c[:-1])
+    return a[first], c[first], d[first]

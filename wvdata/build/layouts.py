@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("webvision", "folder", "manifest")
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -349,5 +350,5 @@ def scan(src: str | os.PathLike, layout: str = "auto", splits: tuple[str, ...] =
     p = Path(src).resolve()
     scanners = {"webvision": _scan_webvision, "folder": _scan_folder, "manifest": _scan_manifest}
     if layout not in scanners:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(scanners)}")
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     return _finish(scanners[layout](p, tuple(splits)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,12 +27,20 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
+def option(help: str, type=None, **argparse_kwargs) -> dict:
+    """Field metadata from which `wvdata._args` derives a command-line flag."""
+    return {"help": help, "type": type, **argparse_kwargs}
+
+
 @dataclass(frozen=True)
 class ImageOptions:
-    resize_short: int | None = None
-    max_side: int | None = None
-    quality: int = 90
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    """How each input image is normalised (the build options a worker needs)."""
+
+    resize_short: int | None = field(default=None, metadata=option("shorter side to N (never upscaled)", int))
+    max_side: int | None = field(default=None, metadata=option("longer side at most N", int))
+    quality: int = field(default=90, metadata=option("JPEG quality when re-encoding", int))
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS,
+                            metadata=option("reject larger images as decompression bombs", int))
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 _TORCH = None
 
 
-def _torch():
+def load_torch():
     """torch, single-threaded (workers are processes already); None when not installed."""
     global _TORCH
     if _TORCH is None:
@@ -110,7 +118,7 @@ def resize_rgb(img: Image.Image, width: int, height: int) -> Image.Image:
     torch's uint8 channels-last kernel is ~1.8x faster than Pillow's BICUBIC and within 2/255
     of it; Pillow is the fallback without torch.
     """
-    torch = _torch()
+    torch = load_torch()
     if torch is None or img.mode != "RGB":
         return img.resize((width, height), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.array(img)).unsqueeze(0).permute(0, 3, 1, 2)  # NCHW, channels-last memory

@@ -1,0 +1,265 @@
+"""`wvdata build`: raw crawl -> immutable WebDataset shards, DALI indexes and sample tables.
+
+Each shard is one task on the task runner (local process pool or Ray; `shards`). A shard's
+outputs are renamed into place only when complete, and its part tables last, so
+`resume=True` after a kill at any point redoes just the unfinished shards and gives
+byte-identical output. Modules: `layouts` (reading a crawl), `image` (normalising one image),
+`tar` (tar and `.idx` writing), `options` (the options, declared once), `shards` (one task).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import polars as pl
+
+from ..engine import ENGINES, check_engine, run_tasks
+from .._args import add_options, options_from
+from ..dataset import FORMAT_NAME, FORMAT_VERSION
+from .image import load_torch
+from .layouts import SPLITS, scan
+from .options import DEFAULT_SHARD_BYTES, SAMPLE_OVERHEAD, BuildOptions
+from .shards import WORK_DIR, ShardTask, part_paths, plan_shards, run_shard, shard_done
+from .tar import write_atomic
+
+__all__ = ["build", "BuildOptions", "BuildSummary", "format_summary", "add_cli", "DEFAULT_SHARD_BYTES",
+           "SAMPLE_OVERHEAD"]
+
+SAMPLE_SCHEMA = {
+    "key": pl.String, "split": pl.String, "shard": pl.String, "label": pl.Int64,
+    "class_name": pl.String, "source": pl.String, "query": pl.String, "src_path": pl.String,
+    "width": pl.Int32, "height": pl.Int32, "bytes": pl.Int64, "sha1": pl.String,
+    "offset": pl.Int64, "data_offset": pl.Int64, "reencoded": pl.Boolean, "meta_error": pl.String,
+    "query_text": pl.String, "meta": pl.String,  # meta: the matched meta record as JSON text
+}
+ERROR_SCHEMA = {"split": pl.String, "src_path": pl.String, "reason": pl.String, "detail": pl.String}
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    samples: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    shards_skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_errors(self) -> int:
+        return sum(self.errors.values())
+
+    def images_per_sec(self) -> float:
+        return sum(self.samples.values()) / self.seconds if self.seconds else 0.0
+
+
+def _write_parquet(df: pl.DataFrame, path: str) -> None:
+    buf = io.BytesIO()
+    df.write_parquet(buf, statistics=False)
+    write_atomic(path, buf.getvalue())
+
+
+def _fingerprint(opts: BuildOptions, src: str, inputs) -> str:
+    h = hashlib.sha1(json.dumps(asdict(opts), sort_keys=True, default=list).encode())
+    h.update(os.path.abspath(src).encode())
+    for r in inputs.rows:
+        h.update(f"{r.key}\0{r.path}\0{r.label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions | None = None, *,
+          workers: int | None = None, engine: str = "local", resume: bool = False,
+          overwrite: bool = False, progress: bool = True, **option_values: Any) -> BuildSummary:
+    """Build a dataset directory from a raw crawl (webvision, folder or manifest layout).
+
+    Options are a `BuildOptions` and/or its fields as keywords (`resize_short=256`).
+    engine: "local" (a pool of `workers` processes, default all cores) or "ray".
+    """
+    t0 = time.perf_counter()
+    src, out = str(src), str(out)
+    opts = BuildOptions.of(options, **option_values)
+    check_engine(engine)
+    inputs = scan(src, opts.layout, opts.splits)
+    work = os.path.join(out, WORK_DIR)
+    fingerprint = _fingerprint(opts, src, inputs)
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
+        raise ValueError(f"refusing to --overwrite {out}: the source {src} is inside it")
+    done = _finished(out, work, opts) if resume else None
+    if done is not None:
+        done.seconds = time.perf_counter() - t0
+        return done
+    _prepare_out(out, work, fingerprint, resume, overwrite)
+    tasks: list[ShardTask] = []
+    splits_present = [s for s in SPLITS if s in opts.splits and (
+        any(r.split == s for r in inputs.rows) or any(e.split == s for e in inputs.errors))]
+    for split in splits_present:
+        rows = [r for r in inputs.rows if r.split == split]
+        for i, shard_rows in enumerate(plan_shards(rows, opts)):
+            tasks.append(ShardTask(os.path.abspath(out), split, f"shard-{i:06d}", shard_rows,
+                                   inputs.classes, opts.image()))
+    todo = [t for t in tasks if not (resume and shard_done(t))]
+    summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo))
+    resizing = opts.resize_short or opts.max_side
+    for _ in run_tasks(run_shard, todo, weights=[len(t.rows) for t in todo], engine=engine,
+                       workers=workers, desc="build", progress=progress, ticks=True,
+                       warmup=load_torch if resizing else None):
+        pass
+    _finalize(out, src, opts, inputs, tasks, splits_present, summary)
+    _remove_work(work)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:
+    """--resume on a dataset that finished with these options: nothing to do."""
+    path = os.path.join(out, "dataset.json")
+    if os.path.isdir(work) or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("build") != opts.recorded():
+        raise ValueError(f"{out} is a finished dataset built with other options; "
+                         "use --overwrite to rebuild")
+    s = BuildSummary(out)
+    for split, meta in manifest["splits"].items():
+        s.samples[split], s.errors[split] = meta["samples"], meta["errors"]
+        s.shards += len(meta["shards"])
+    s.shards_skipped = s.shards
+    return s
+
+
+def _remove_work(work: str) -> None:
+    """Remove the work dir, its fingerprint last: while the fingerprint exists, resume works."""
+    stamp = os.path.join(work, "fingerprint")
+    for name in os.listdir(work):
+        path = os.path.join(work, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif path != stamp:
+            os.remove(path)
+    os.remove(stamp)
+    os.rmdir(work)
+
+
+def _remove_temp_files(out: str) -> None:
+    """Temporary files of writes cut short by a kill (see write_atomic)."""
+    for d in [out] + [os.path.join(out, s) for s in SPLITS]:
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if ".tmp-" in name and os.path.isfile(os.path.join(d, name)):
+                    os.remove(os.path.join(d, name))
+
+
+def _prepare_out(out: str, work: str, fingerprint: str, resume: bool, overwrite: bool) -> None:
+    stamp = os.path.join(work, "fingerprint")
+    if os.path.isdir(work) and all(n.startswith("fingerprint.tmp-") for n in os.listdir(work)):
+        for name in os.listdir(work):  # killed before its fingerprint was written or after
+            os.remove(os.path.join(work, name))  # it was removed: nothing of a build is in it
+        os.rmdir(work)
+    if os.path.exists(out) and os.listdir(out):
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume and os.path.exists(stamp):
+            with open(stamp) as f:
+                if f.read() != fingerprint:
+                    raise ValueError(f"{out} was started with other inputs or options; "
+                                     "resume needs the same ones (or use --overwrite)")
+            _remove_temp_files(out)
+            return
+        elif resume and os.path.exists(os.path.join(out, "dataset.json")):
+            raise ValueError(f"{out} is already a finished dataset; use --overwrite to rebuild")
+        else:
+            raise FileExistsError(f"{out} is not empty; use --resume to continue an interrupted "
+                                  "build or --overwrite to replace it")
+    os.makedirs(work, exist_ok=True)
+    write_atomic(stamp, fingerprint)
+
+
+def _finalize(out: str, src: str, opts: BuildOptions, inputs, tasks: list[ShardTask],
+              splits: list[str], summary: BuildSummary) -> None:
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "layout": inputs.layout,
+        "classes": inputs.classes, "splits": {},
+        "build": opts.recorded(),
+    }
+    if any(inputs.class_descriptions):
+        manifest["class_descriptions"] = inputs.class_descriptions
+    for split in splits:
+        parts_s, parts_e, shards = [], [], []
+        pre = [asdict(e) for e in inputs.errors if e.split == split]
+        parts_e.append(pl.DataFrame(pre, schema=ERROR_SCHEMA))
+        for t in (t for t in tasks if t.split == split):
+            err_path, smp_path = part_paths(out, split, t.name)
+            with open(smp_path) as fs, open(err_path) as fe:
+                s = pl.DataFrame(json.load(fs), schema=SAMPLE_SCHEMA)
+                e = pl.DataFrame(json.load(fe), schema=ERROR_SCHEMA)
+            parts_s.append(s)
+            parts_e.append(e)
+            if s.height:
+                nbytes = os.path.getsize(os.path.join(out, split, f"{t.name}.tar"))
+                shards.append({"name": t.name, "samples": s.height, "bytes": nbytes})
+        samples = pl.concat(parts_s) if parts_s else pl.DataFrame(schema=SAMPLE_SCHEMA)
+        errors = pl.concat(parts_e)
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        _write_parquet(samples, os.path.join(out, split, "samples.parquet"))
+        _write_parquet(errors, os.path.join(out, split, "errors.parquet"))
+        manifest["splits"][split] = {"samples": samples.height, "errors": errors.height,
+                                     "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+        summary.samples[split] = samples.height
+        summary.errors[split] = errors.height
+        for reason, n in errors.group_by("reason").len().iter_rows():
+            summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + n
+    write_atomic(os.path.join(out, "dataset.json"), json.dumps(manifest, indent=2) + "\n")
+
+
+def format_summary(s: BuildSummary) -> str:
+    lines = [f"built {s.out}: {sum(s.samples.values())} samples in {s.shards} shards "
+             f"({s.shards_skipped} already complete), {s.total_errors} rejected, "
+             f"{s.seconds:.1f}s, {s.images_per_sec():.0f} img/s"]
+    for split in s.samples:
+        lines.append(f"  {split}: {s.samples[split]} samples, {s.errors[split]} rejected")
+    for reason, n in sorted(s.errors_by_reason.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  rejected, {reason}: {n}")
+    return "\n".join(lines)
+
+
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `wvdata build`; its option flags come from BuildOptions."""
+    p = subparsers.add_parser("build", help="raw crawl -> WebDataset shards + DALI index + manifest",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="crawl root (webvision or folder layout) or a manifest file")
+    p.add_argument("-o", "--out", required=True, help="dataset directory to write")
+    add_options(p, BuildOptions)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--engine", default="local", choices=ENGINES, help="local process pool or Ray tasks")
+    p.add_argument("--resume", action="store_true", help="skip shards that are complete")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any input was rejected")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    summary = build(args.src, args.out, options_from(args, BuildOptions), workers=args.workers,
+                    engine=args.engine, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    print(format_summary(summary))
+    if args.strict and summary.total_errors:
+        print(f"--strict: {summary.total_errors} inputs were rejected "
+              f"(see {args.out}/<split>/errors.parquet)", file=sys.stderr)
+        return 1
+    return 0
