@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 	@echo "demo done: dataset demo-out/dataset, dedup report demo-out/dedup.html, run demo-out/run"
 	@echo "(the training step is a 3-epoch smoke run of the trainer on 300 images: too few to learn;"
 	@echo " tests/test_trainer.py trains to >= 60% val top-1 on scikit-learn's digits)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

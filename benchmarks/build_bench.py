@@ -25,17 +25,17 @@ import io
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from benchmarks import _common
+from benchmarks._common import cpu_seconds
 from benchmarks._crawl import OUT, image_paths, make_crawl, warm_cache
 
 SHORT = 256
@@ -77,22 +77,16 @@ def run_baseline(shards: list[Shard], workers: int) -> int:
         return sum(pool.imap_unordered(baseline_shard, shards))
 
 
-_CHILD = """
+_CHILD = f"""
 import json, sys, time
 import wvdata
-from benchmarks.build_bench import cpu_seconds
+from benchmarks._common import cpu_seconds
 crawl, out, workers, shard_samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t0, c0 = time.perf_counter(), cpu_seconds()
-s = wvdata.build(crawl, out, resize_short=%d, quality=%d, workers=workers,
+s = wvdata.build(crawl, out, resize_short={SHORT}, quality={QUALITY}, workers=workers,
                  shard_samples=shard_samples or None, progress=False)
 print(json.dumps([time.perf_counter() - t0, cpu_seconds() - c0, sum(s.samples.values())]))
-""" % (SHORT, QUALITY)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished (waited-for) children."""
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+"""
 
 
 def run_wvdata(crawl: Path, out: Path, workers: int, shard_samples: int, timeout: float) -> Run:
@@ -128,19 +122,11 @@ def dir_mb(path: Path) -> float:
 
 
 def machine() -> str:
-    model = "?"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import PIL
     import webdataset
     from PIL import features
 
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return (f"machine: nproc={nproc}, cpu={model}, python={platform.python_version()}, "
-            f"pillow={PIL.__version__}, webdataset={webdataset.__version__}, "
+    return (f"{_common.machine()}, pillow={PIL.__version__}, webdataset={webdataset.__version__}, "
             f"libjpeg-turbo={features.version('libjpeg_turbo')}")
 
 

@@ -57,8 +57,8 @@ def run_hashing(n_images: int) -> dict[str, float]:
     import imagehash
     from PIL import Image
 
-    from wvdata.dedup.hashing import FULL, hash_images, to_hex
     from wvdata.dedup import SEARCH_VIEWS
+    from wvdata.dedup.hashing import FULL, hash_images, to_hex
 
     datas = bench_images(n_images)
     mpix = np.mean([Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1]
@@ -144,9 +144,9 @@ def run_quality() -> None:
     of look-alikes, 64-bit search hash (min over views) and crop-aligned 256-bit pHash."""
     import itertools
 
-    from wvdata.synth import duplicates as synth
-    from wvdata.dedup.hashing import aligned_distance, hamming, hash_images
     from wvdata.dedup import SEARCH_VIEWS
+    from wvdata.dedup.hashing import aligned_distance, hamming, hash_images
+    from wvdata.synth import duplicates as synth
 
     def search_d(a: bytes, b: bytes, views) -> tuple[int, int]:
         h = hash_images([a, b], views=views)

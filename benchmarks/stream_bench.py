@@ -29,17 +29,18 @@ import argparse
 import glob
 import multiprocessing as mp
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
+from benchmarks import _common
+from benchmarks._common import cpu_seconds, load, read_all
 from benchmarks._crawl import OUT, make_crawl
 
 BATCH, SIZE, SHORT = 64, 224, 256
@@ -62,18 +63,7 @@ def prepare(images: int, shard_samples: int, workers: int) -> Path:
 
 def warm(paths: Iterable[str]) -> int:
     """Read every shard once, so that all rows read from the page cache."""
-    total = 0
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                total += len(chunk)
-    return total
-
-
-def cpu_seconds() -> float:
-    """User + sys time of this process and of its reaped children (DataLoader workers, cat)."""
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    return read_all(paths)
 
 
 # ---------------------------------------------------------------- row 1: raw reads
@@ -181,17 +171,10 @@ def machine() -> list[str]:
         dali_v = dali.__version__
     except ImportError:
         dali_v = "not installed"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), "?")
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return [f"machine: nproc={nproc}, cpu={model}, gpu={gpu}, python={platform.python_version()}",
+    return [_common.machine(gpu=gpu),
             f"versions: torch={torch.__version__}, torchvision={torchvision.__version__}, "
             f"pillow={PIL.__version__}, dali={dali_v}, webdataset={webdataset.__version__}"]
-
-
-def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main(argv: list[str] | None = None) -> None:

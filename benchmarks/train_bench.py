@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.stream_bench import OUT, load, machine, prepare
+from benchmarks._common import load
+from benchmarks.stream_bench import OUT, machine, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
-"""Helpers for the `wvdata build` tests: small real crawls and checks of a built dataset.
+"""Helpers for the `wvdata build` tests: small real inputs and checks of a built dataset.
 
-Images are crops of scikit-image's bundled photographs (astronaut, chelsea, coffee, rocket),
-encoded here in whatever format a test needs; nothing is downloaded.
+Input images come from `wvdata.synth` (crops of scikit-image's bundled photographs, encoded in
+whatever format a test needs; nothing is downloaded), re-exported here for the tests.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import io
 import json
 import os
 import tarfile
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,56 +18,7 @@ from PIL import Image
 
 from wvdata import build
 from wvdata.build.tar import parse_idx
-
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-@lru_cache(maxsize=None)
-def photo(name: str) -> np.ndarray:
-    """One of scikit-image's bundled photographs as HxWx3 uint8 (read-only)."""
-    from skimage import data
-
-    arr = np.ascontiguousarray(np.asarray(getattr(data, name)())[..., :3], dtype=np.uint8)
-    arr.setflags(write=False)
-    return arr
-
-
-def crop(name: str, width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A `width` x `height` view of a photo: a seeded crop, resized when the photo is smaller."""
-    arr = photo(name)
-    h, w = arr.shape[:2]
-    if width > w or height > h:
-        return np.asarray(Image.fromarray(arr).resize((width, height), Image.Resampling.BILINEAR))
-    rng = np.random.default_rng(seed)
-    y, x = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
-    return np.ascontiguousarray(arr[y:y + height, x:x + width])
-
-
-def encode(img: np.ndarray | Image.Image, fmt: str = "JPEG", **kw) -> bytes:
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    if fmt == "JPEG":
-        kw.setdefault("quality", 92)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-# EXIF orientation -> the transpose that turns an upright image into the stored pixels
-# (a viewer applies the inverse to show it upright).
-STORED_FROM_UPRIGHT = {
-    3: Image.Transpose.ROTATE_180,
-    6: Image.Transpose.ROTATE_90,   # stored rotated 90 counter-clockwise, shown rotated clockwise
-    8: Image.Transpose.ROTATE_270,  # stored rotated 90 clockwise, shown rotated counter-clockwise
-}
-
-
-def exif_jpeg(upright: np.ndarray, orientation: int) -> bytes:
-    """A JPEG whose pixels are stored rotated, with the EXIF Orientation that undoes it."""
-    stored = Image.fromarray(upright).transpose(STORED_FROM_UPRIGHT[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+from wvdata.synth import crop, encode, exif_jpeg, photo  # noqa: F401  (the tests import them from here)
 
 
 def write(path: Path, data: bytes) -> Path:

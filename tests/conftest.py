@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from wvdata import build
-from wvdata.synth import make_webvision_crawl
+pytest.register_assert_rewrite("_crawls")  # the check helpers' asserts report their values
+
+from wvdata import build  # noqa: E402
+from wvdata.synth import make_webvision_crawl  # noqa: E402
 
 
 @pytest.fixture(scope="session")

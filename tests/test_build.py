@@ -10,9 +10,20 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-pytest.register_assert_rewrite("_crawls")
-from _crawls import (assert_same_tree, check_dataset, crop, encode, errors, key_json, manifest,
-                     quiet_build, samples, sha1, stored_image, write)
+from _crawls import (
+    assert_same_tree,
+    check_dataset,
+    crop,
+    encode,
+    errors,
+    key_json,
+    manifest,
+    quiet_build,
+    samples,
+    sha1,
+    stored_image,
+    write,
+)
 from wvdata import info
 from wvdata.cli import main
 from wvdata.synth import DIGIT_NAMES, make_folder_crawl, make_webvision_crawl
@@ -245,10 +256,12 @@ def test_shard_size_in_bytes(tmp_path, capsys):
     shards = [df.filter(pl.col("shard") == s["name"]).sort("data_offset")
               for s in manifest(tmp_path / "ds")["splits"]["train"]["shards"]]
     assert len(shards) >= 3
-    planned = [int(s["bytes"].sum()) + 1536 * s.height for s in shards]
+    from wvdata.build import SAMPLE_OVERHEAD  # the planner's estimate of tar headers + .cls + .json
+
+    planned = [int(s["bytes"].sum()) + SAMPLE_OVERHEAD * s.height for s in shards]
     assert max(planned) <= limit
     for shard, nxt in zip(shards, shards[1:]):  # a shard is cut only when the next input won't fit
-        assert int(shard["bytes"].sum()) + 1536 * shard.height + nxt["bytes"][0] > limit
+        assert int(shard["bytes"].sum()) + SAMPLE_OVERHEAD * shard.height + nxt["bytes"][0] > limit
     # an input larger than the limit still gets a shard of its own, and no shard is empty
     quiet_build(src, tmp_path / "one", shard_size=1)
     assert [s["samples"] for s in manifest(tmp_path / "one")["splits"]["train"]["shards"]] == [1] * 24

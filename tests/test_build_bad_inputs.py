@@ -10,9 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-pytest.register_assert_rewrite("_crawls")
-from _crawls import (check_dataset, crop, encode, errors, key_json, quiet_build, samples, sha1,
-                     stored_image, write)
+from _crawls import check_dataset, crop, encode, errors, key_json, quiet_build, samples, sha1, stored_image, write
 from wvdata.cli import main
 
 MAX_PIXELS = 20_000  # every good image below is 120x90 = 10,800 pixels

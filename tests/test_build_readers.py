@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.register_assert_rewrite("_crawls")
 from _crawls import check_dataset, crop, encode, exif_jpeg, manifest, quiet_build, samples, write
 from wvdata.synth import make_webvision_crawl
 
@@ -91,7 +90,7 @@ def test_dali_reads_every_shard_with_its_index(dataset):
         expected = _expected(dataset, split)
 
         @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
-        def pipe():
+        def pipe(tars=tars):
             jpg, cls = fn.readers.webdataset(
                 paths=[str(p) for p in tars], index_paths=[str(p.with_suffix(".idx")) for p in tars],
                 ext=["jpg", "cls"], missing_component_behavior="error", random_shuffle=False,

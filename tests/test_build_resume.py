@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("_crawls")
 from _crawls import assert_same_tree, crop, encode, manifest, quiet_build, tree, write
 from wvdata import build
 from wvdata.cli import main

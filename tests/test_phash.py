@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wvdata.synth import duplicates as synth
 from wvdata.dedup.cluster import UnionFind
-from wvdata.dedup.search import brute_force_pairs, multihash_params, range_pairs
 from wvdata.dedup.hashing import FULL, aligned_distance, hamming, hash_images, to_hex
+from wvdata.dedup.search import brute_force_pairs, multihash_params, range_pairs
+from wvdata.synth import duplicates as synth
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from trainer.aum import margins, MarginAccumulator, threshold_samples
+from trainer.aum import MarginAccumulator, margins, threshold_samples
 from trainer.metrics import accuracy_report, class_averaged, topk_hits
 from wvdata import build
 from wvdata.synth import make_digits_folder

@@ -14,6 +14,7 @@ through the list; evaluation averages softmax over `--eval-sizes` x `--eval-crop
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -23,8 +24,10 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -39,8 +42,13 @@ from wvdata.views import balance_per_class, load_view, memory_view, select
 from .aum import MarginAccumulator, threshold_samples
 from .metrics import accuracy_report
 
+if TYPE_CHECKING:
+    from wvdata import Dataset
+    from wvdata.stream import LoaderBase
+    from wvdata.views import View
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory built by `wvdata build`")
     p.add_argument("--view", default=None, help="train on this view (default: the whole train split)")
@@ -82,8 +90,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- set-up
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPUs."""
+@dataclass
+class Dist:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def setup_process(seed: int) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPUs. Then seed every RNG (the same on
+    every rank) and, on CPU, ask for deterministic kernels."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -92,8 +110,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), world, device
-    return 0, 1, device
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
 def parse_stages(text: str | None, epochs: int) -> list[tuple[list[int] | None, int]]:
@@ -109,17 +131,84 @@ def parse_stages(text: str | None, epochs: int) -> list[tuple[list[int] | None, 
     return stages
 
 
-def build_model(args, num_outputs: int, device: torch.device) -> torch.nn.Module:
+@dataclass
+class Data:
+    """The train split as the loop sees it, and how loaders over it (and over the eval splits) are made."""
+
+    ds: Dataset
+    samples: pl.DataFrame  # the train split's samples; row i is sample id i
+    labels: torch.Tensor  # the label each sample is trained on, on the device
+    fake: np.ndarray | None  # sample ids relabelled to the extra class C (--aum-threshold-samples)
+    epochs: int  # in all, over the curriculum stages
+    epoch_subsets: list[list[int] | None]  # each epoch's curriculum subsets (None: all)
+    view: str | None  # train on this view (None: the whole train split)
+    view_keys: pl.Series | None  # its keys, for curriculum stages and class balance to select from
+    per_class: int | None
+    seed: int
+    batch_size: int  # per rank
+    backend: str
+    workers: int
+    train_sizes: list[int]  # cycled per epoch
+    randaug: tuple[int, ...]
+    crop_scale: tuple[float, ...]
+    image_size: int
+    eval_sizes: str | None
+    eval_crops: int
+
+    def train_loader(self, epoch: int) -> tuple[LoaderBase, View, int]:
+        """This epoch's train loader (set to the epoch), entries and image size. The entries: the view (or split),
+        curriculum subsets, per-class balance; the size cycles through the train sizes."""
+        size = self.train_sizes[epoch % len(self.train_sizes)]
+        subsets = self.epoch_subsets[epoch]
+        if subsets is None and not self.per_class:
+            v = load_view(self.ds, self.view, "train")
+        else:
+            df = select(self.ds, "train", keys=self.view_keys, subsets=subsets)
+            if self.per_class:
+                df = balance_per_class(df, self.per_class, seed=self.seed * 100003 + epoch)
+            v = memory_view(self.ds, df, "train")
+        ld = loader(self.ds, view=v, batch_size=self.batch_size, backend=self.backend, train=True, image_size=size,
+                    seed=self.seed, num_workers=self.workers, randaug=self.randaug, scale=self.crop_scale,
+                    with_index=True)
+        ld.set_epoch(epoch)
+        return ld, v, size
+
+
+def setup_data(args: argparse.Namespace, device: torch.device) -> Data:
+    """Open the dataset, relabel the AUM threshold samples, plan the curriculum; fail early on a bad plan."""
+    ds = wvdata.open_dataset(args.data)
+    samples = ds.samples("train")
+    labels = torch.as_tensor(samples["label"].to_numpy().copy(), dtype=torch.int64)
+    fake = threshold_samples(samples.height, ds.num_classes, args.seed) if args.aum_threshold_samples else None
+    if fake is not None:
+        labels[fake] = ds.num_classes
+    labels = labels.to(device)
+    stages = parse_stages(args.stages, args.epochs)
+    epoch_subsets = [subsets for subsets, n in stages for _ in range(n)]
+    view_keys = load_view(ds, args.view, "train").entries["key"] if args.view else None
+    if any(s is not None for s in epoch_subsets):
+        select(ds, "train", subsets=[1])  # fail now, naming `wvdata curriculum`, if it was not run
+    return Data(
+        ds, samples, labels, fake, sum(n for _, n in stages), epoch_subsets, args.view, view_keys, args.per_class,
+        args.seed, args.batch_size, args.loader, args.workers,
+        train_sizes=[int(s) for s in args.train_sizes.split(",")] if args.train_sizes else [args.image_size],
+        randaug=tuple(int(v) for v in args.randaug.split(",")),
+        crop_scale=tuple(float(v) for v in args.crop_scale.split(",")),
+        image_size=args.image_size, eval_sizes=args.eval_sizes, eval_crops=args.eval_crops)
+
+
+def build_model(name: str, num_outputs: int, device: torch.device,
+                pretrained_file: str | None = None) -> torch.nn.Module:
     import timm
 
-    model = timm.create_model(args.model, pretrained=False, num_classes=num_outputs)
-    if args.pretrained_file:
-        state = torch.load(args.pretrained_file, map_location="cpu", weights_only=True)
+    model = timm.create_model(name, pretrained=False, num_classes=num_outputs)
+    if pretrained_file:
+        state = torch.load(pretrained_file, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
         own = model.state_dict()
         keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(keep, strict=False)
-        print(f"loaded {len(keep)}/{len(own)} tensors from {args.pretrained_file} "
+        print(f"loaded {len(keep)}/{len(own)} tensors from {pretrained_file} "
               f"(skipped {len(state) - len(keep)} missing or differently shaped, e.g. the classifier)")
     model = model.to(device)
     if device.type == "cuda":
@@ -139,7 +228,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class WarmupCosine:
     """LR as a function of fractional epoch: linear warmup, then cosine to zero."""
 
-    def __init__(self, optimizer, base_lr: float, warmup: float, total: float):
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup: float, total: float) -> None:
         self.optimizer, self.base_lr, self.warmup, self.total = optimizer, base_lr, warmup, total
         self.t = 0.0
 
@@ -166,18 +255,57 @@ class WarmupCosine:
 class EMA:
     """Exponential moving average of the weights (and a copy of the buffers)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        import copy
-
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        ema_p = [p for p in self.module.parameters()]
+        ema_p = list(self.module.parameters())
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+@dataclass
+class State:
+    """What training changes, and what a checkpoint keeps."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # what the steps call: the model, DDP-wrapped and/or compiled
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    aum: MarginAccumulator | None
+    epoch: int = 0  # the epoch to start (or continue) at
+    steps: int = 0  # optimiser steps in all
+    loader_state: dict | None = None  # this rank's position inside `epoch`, when resuming mid-epoch
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def setup_training(args: argparse.Namespace, data: Data, env: Dist) -> State:
+    """Model, EMA, optimiser (LR scaled by global batch / 256), schedule, DDP/compile wrapper, AUM sums."""
+    num_outputs = data.ds.num_classes + 1 if args.aum_threshold_samples else data.ds.num_classes
+    model = build_model(args.model, num_outputs, env.device, args.pretrained_file)
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    base_lr = args.lr * (args.batch_size * env.world) / 256  # --lr is for a global batch of 256
+    groups = param_groups(model, args.weight_decay)
+    if args.opt == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=base_lr)
+    schedule = WarmupCosine(optimizer, base_lr, args.warmup_epochs, data.epochs)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
+                                                    else None) if env.world > 1 else model
+    step_model = torch.compile(ddp) if args.compile else ddp
+    aum = MarginAccumulator(data.samples.height, env.device) if args.aum or args.aum_threshold_samples else None
+    return State(model, step_model, ema, optimizer, schedule, aum)
+
+
+# ---------------------------------------------------------------- checkpoints and the run directory
 
 
 def rng_state() -> dict:
@@ -193,7 +321,7 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def gather(obj, world: int) -> list:
+def gather(obj: Any, world: int) -> list:
     if world == 1:
         return [obj]
     out = [None] * world
@@ -201,7 +329,48 @@ def gather(obj, world: int) -> list:
     return out
 
 
-def run_config(args, world: int, device: torch.device) -> dict:
+def save_checkpoint(path: Path, state: State, epoch: int, loader_state: dict | None, env: Dist, config: dict) -> None:
+    """Rank 0 writes the weights with every rank's loader position and RNG state (atomically); all ranks wait."""
+    states = gather(loader_state, env.world)
+    rngs = gather(rng_state(), env.world)
+    if env.rank == 0:
+        ckpt = {"model": state.model.state_dict(), "ema": state.ema.module.state_dict() if state.ema else None,
+                "optimizer": state.optimizer.state_dict(), "scheduler": state.schedule.state_dict(),
+                "epoch": epoch, "steps": state.steps, "loader": states, "rng": rngs,
+                "aum": (state.aum.sum.cpu(), state.aum.count.cpu()) if state.aum is not None else None,
+                "args": config}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    if env.world > 1:
+        dist.barrier()
+
+
+def resume(path: Path, state: State, rank: int) -> None:
+    """Continue where the checkpoint at `path` left off (mid-epoch exactly); start fresh if there is none."""
+    if not path.exists():
+        if rank == 0:
+            print(f"--resume: no {path} yet, starting fresh")
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state.model.load_state_dict(ckpt["model"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        state.ema.module.load_state_dict(ckpt["ema"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.schedule.load_state_dict(ckpt["scheduler"])
+    state.epoch, state.steps = ckpt["epoch"], ckpt["steps"]
+    state.loader_state = ckpt["loader"][rank]
+    set_rng_state(ckpt["rng"][rank])
+    if state.aum is not None and ckpt.get("aum") is not None:
+        state.aum.sum.copy_(ckpt["aum"][0])
+        state.aum.count.copy_(ckpt["aum"][1])
+    if rank == 0:
+        print(f"resumed from {path}: epoch {state.epoch}, "
+              f"{state.loader_state['batch'] if state.loader_state else 0} batches into it")
+
+
+def run_config(config: dict, env: Dist) -> dict:
+    """The arguments with the code, library versions and hardware they ran on."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
@@ -214,257 +383,215 @@ def run_config(args, world: int, device: torch.device) -> dict:
         except ImportError:
             versions[mod] = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"args": vars(args), "git_commit": commit, "versions": versions,
-            "hardware": {"world_size": world, "device": str(device), "gpus": gpus,
+    return {"args": config, "git_commit": commit, "versions": versions,
+            "hardware": {"world_size": env.world, "device": str(env.device), "gpus": gpus,
                          "cpus": os.cpu_count(), "platform": platform.platform()}}
 
 
-# ---------------------------------------------------------------- data
+def start_run_directory(out: Path, run: dict, data: Data) -> None:
+    """config.json, and margins/threshold.parquet: the samples relabelled to the fake class, if any."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(run, indent=2, default=str))
+    fake, samples, num_classes = data.fake, data.samples, data.ds.num_classes
+    if fake is not None:
+        pl.DataFrame({"key": samples["key"].gather(fake), "label": samples["label"].gather(fake),
+                      "fake_label": np.full(len(fake), num_classes)}).write_parquet(out / "margins_threshold.tmp")
+        (out / "margins").mkdir(exist_ok=True)
+        os.replace(out / "margins_threshold.tmp", out / "margins" / "threshold.parquet")
 
 
-def epoch_view(ds, args, subsets, epoch: int, base_keys):
-    """This epoch's entries: the view (or split), curriculum subsets, per-class balance."""
-    if subsets is None and not args.per_class:
-        return load_view(ds, args.view, "train")
-    df = select(ds, "train", keys=base_keys, subsets=subsets)
-    if args.per_class:
-        df = balance_per_class(df, args.per_class, seed=args.seed * 100003 + epoch)
-    return memory_view(ds, df, "train")
+def write_margins(aum: MarginAccumulator, out: Path, epoch: int, data: Data, rank: int) -> None:
+    """Sum the epoch's margins over ranks; rank 0 writes margins/epoch-NNN.parquet."""
+    aum.reduce()
+    if rank != 0:
+        return
+    ids, mean, count = aum.result()
+    (out / "margins").mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"key": data.samples["key"].gather(ids), "label": data.labels.cpu().numpy()[ids],
+                  "margin": mean, "count": count}).write_parquet(out / "margins" / f"epoch-{epoch:03d}.parquet")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class StopFlag:
+    """When to checkpoint mid-epoch and exit: after --stop-after-steps steps, or on SIGTERM."""
+
+    def __init__(self, after_steps: int | None, env: Dist) -> None:
+        self.after_steps, self.env, self.signalled = after_steps, env, False
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
+
+    def __call__(self, steps: int) -> bool:
+        if self.after_steps is not None and steps >= self.after_steps:
+            return True  # the same step on every rank
+        if self.env.world == 1:
+            return self.signalled
+        if steps % 10:  # agreeing costs a host sync: ranks compare SIGTERM flags every 10 steps
+            return False
+        t = torch.tensor([int(self.signalled)], device=self.env.device if self.env.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return bool(t.item())
+
+
+@dataclass
+class EpochStats:
+    image_size: int
+    loss_sum: torch.Tensor  # of per-sample losses on this rank, on the device
+    seen: int  # samples this rank trained on
+    lr: float  # the last one set
+    seconds: float
+    stopped_at: dict | None  # this rank's loader state, when the epoch stopped early
+
+
+def train_epoch(state: State, data: Data, epoch: int, env: Dist, stop: StopFlag, *, smoothing: float,
+                clip_grad: float, progress: bool) -> EpochStats:
+    """Steps through the epoch (the rest of it when resumed mid-epoch) until it ends or `stop` says so.
+    AUM sums restart each epoch, except a resumed one, which continues from the checkpointed sums."""
+    ld, v, size = data.train_loader(epoch)
+    if state.loader_state is not None:
+        ld.load_state_dict(state.loader_state)
+        state.loader_state = None
+    elif state.aum is not None:
+        state.aum.reset()
+    done = ld.state_dict()["batch"]
+    if env.rank == 0:
+        print(f"epoch {epoch}: {len(v)} entries, {len(ld)} batches of {data.batch_size} per rank, "
+              f"size {size}" + (f", resuming at batch {done}" if done else ""), flush=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ld), initial=done, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True)
+    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=env.device)
+    lr = state.schedule.lr_at(epoch + done / len(ld))
+    stopped_at = None
+    state.model.train()
+    for i, (images, _, _, ids) in enumerate(ld, start=done):
+        lr = state.schedule.step(epoch + i / len(ld))
+        ids = ids.to(env.device, non_blocking=True)
+        y = data.labels[ids]
+        x = normalize(images, device=env.device, channels_last=env.device.type == "cuda")
+        with autocast(env.device):
+            logits = state.step_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+        state.optimizer.step()
+        if state.ema is not None:
+            state.ema.update(state.model)
+        if state.aum is not None:
+            state.aum.add(logits, y, ids)
+        loss_sum += loss.detach() * len(ids)
+        seen += len(ids)
+        state.steps += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(img_s=f"{seen * env.world / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
+        if stop(state.steps):
+            stopped_at = ld.state_dict()
+            break
+    if bar is not None:
+        bar.close()
+    return EpochStats(size, loss_sum, seen, lr, time.perf_counter() - t0, stopped_at)
 
 
 @torch.no_grad()
-def predict(model, ds, split: str, args, device, world: int, num_classes: int):
+def predict(model: torch.nn.Module, data: Data, split: str, env: Dist) -> np.ndarray:
     """Softmax over the real classes, averaged over eval sizes and crops; rows by sample id."""
     model.eval()
-    sizes = [int(s) for s in args.eval_sizes.split(",")] if args.eval_sizes else [args.image_size]
-    n = ds.samples(split).height
+    num_classes = data.ds.num_classes
+    sizes = [int(s) for s in data.eval_sizes.split(",")] if data.eval_sizes else [data.image_size]
+    n = data.ds.samples(split).height
     total = torch.zeros(n, num_classes, dtype=torch.float32)
     for size in sizes:
-        ld = loader(ds, split, batch_size=args.batch_size, backend=args.loader, train=False, image_size=size,
-                    eval_crops=args.eval_crops, num_workers=args.workers, with_index=True)
+        ld = loader(data.ds, split, batch_size=data.batch_size, backend=data.backend, train=False, image_size=size,
+                    eval_crops=data.eval_crops, num_workers=data.workers, with_index=True)
         ids_all, probs_all = [], []
         for images, _, _, ids in ld:
-            x = normalize(images, device=device, channels_last=device.type == "cuda")
+            x = normalize(images, device=env.device, channels_last=env.device.type == "cuda")
             crops = x.shape[1] if x.dim() == 5 else 1
             x = x.flatten(0, 1) if x.dim() == 5 else x
-            with autocast(device):
+            with autocast(env.device):
                 logits = model(x).float()[:, :num_classes]
             probs = logits.softmax(1).view(-1, crops, num_classes).mean(1)
             ids_all.append(ids)
             probs_all.append(probs.cpu())
         ids = torch.cat(ids_all) if ids_all else torch.zeros(0, dtype=torch.int64)
         probs = torch.cat(probs_all) if probs_all else torch.zeros(0, num_classes)
-        for rank_ids, rank_probs in gather((ids, probs), world):
+        for rank_ids, rank_probs in gather((ids, probs), env.world):
             total[rank_ids] = rank_probs  # padding repeats write the same row twice
     model.train()
     return (total / len(sizes)).numpy()
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def evaluate_and_log(model: torch.nn.Module, data: Data, stats: EpochStats, epoch: int, out: Path, env: Dist) -> None:
+    """Sum the train loss over ranks, score val; rank 0 appends the epoch's record to metrics.jsonl."""
+    if env.world > 1:
+        dist.all_reduce(stats.loss_sum)
+    probs = predict(model, data, "val", env) if "val" in data.ds.splits else None
+    if env.rank != 0:
+        return
+    seen, seconds = stats.seen, stats.seconds
+    record = {"epoch": epoch, "train_loss": stats.loss_sum.item() / max(1, seen * env.world), "lr": stats.lr,
+              "images_per_sec": seen * env.world / seconds, "image_size": stats.image_size, "seconds": seconds}
+    if probs is not None:
+        acc = accuracy_report(probs, data.ds.samples("val")["label"].to_numpy())
+        record.update({f"val_{k}": v for k, v in acc.items()})
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-# ---------------------------------------------------------------- main
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(args.out)
-    ds = wvdata.open_dataset(args.data)
-    num_classes = ds.num_classes
-    samples = ds.samples("train")
-    num_outputs = num_classes + 1 if args.aum_threshold_samples else num_classes
-    train_labels = torch.as_tensor(samples["label"].to_numpy().copy(), dtype=torch.int64)
-    fake = threshold_samples(samples.height, num_classes, args.seed) if args.aum_threshold_samples else None
-    if fake is not None:
-        train_labels[fake] = num_classes
-    train_labels = train_labels.to(device)
-    stages = parse_stages(args.stages, args.epochs)
-    total_epochs = sum(n for _, n in stages)
-    epoch_stage = [subsets for subsets, n in stages for _ in range(n)]
-    base_keys = load_view(ds, args.view, "train").entries["key"] if args.view else None
-    if any(s is not None for s in epoch_stage):
-        select(ds, "train", subsets=[1])  # fail now, naming `wvdata curriculum`, if it was not run
-    train_sizes = [int(s) for s in args.train_sizes.split(",")] if args.train_sizes else [args.image_size]
-    randaug = tuple(int(v) for v in args.randaug.split(","))
-    crop_scale = tuple(float(v) for v in args.crop_scale.split(","))
-
-    model = build_model(args, num_outputs, device)
-    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-    global_batch = args.batch_size * world
-    base_lr = args.lr * global_batch / 256
-    groups = param_groups(model, args.weight_decay)
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=base_lr)
-    schedule = WarmupCosine(optimizer, base_lr, args.warmup_epochs, total_epochs)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if world > 1 else model
-    step_model = torch.compile(ddp) if args.compile else ddp
-    aum = MarginAccumulator(samples.height, device) if args.aum or args.aum_threshold_samples else None
-
-    start_epoch, loader_state, steps = 0, None, 0
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        start_epoch, steps = ckpt["epoch"], ckpt["steps"]
-        loader_state = ckpt["loader"][rank] if ckpt["loader"] is not None else None
-        set_rng_state(ckpt["rng"][rank])
-        if aum is not None and ckpt.get("aum") is not None:
-            aum.sum.copy_(ckpt["aum"][0])
-            aum.count.copy_(ckpt["aum"][1])
-        if rank == 0:
-            print(f"resumed from {ckpt_path}: epoch {start_epoch}, "
-                  f"{loader_state['batch'] if loader_state else 0} batches into it")
-    elif args.resume and rank == 0:
-        print(f"--resume: no {ckpt_path} yet, starting fresh")
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_config(args, world, device), indent=2, default=str))
-        if fake is not None:
-            pl.DataFrame({"key": samples["key"].gather(fake), "label": samples["label"].gather(fake),
-                          "fake_label": np.full(len(fake), num_classes)}).write_parquet(out / "margins_threshold.tmp")
-            (out / "margins").mkdir(exist_ok=True)
-            os.replace(out / "margins_threshold.tmp", out / "margins" / "threshold.parquet")
-
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-
-    def save(epoch: int, ld_state) -> None:
-        states = gather(ld_state, world)
-        rngs = gather(rng_state(), world)
-        if rank == 0:
-            ckpt = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                    "epoch": epoch, "steps": steps, "loader": states, "rng": rngs,
-                    "aum": (aum.sum.cpu(), aum.count.cpu()) if aum is not None else None, "args": vars(args)}
-            torch.save(ckpt, out / "checkpoint.pt.tmp")
-            os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
-        if world > 1:
-            dist.barrier()
-
-    def should_stop() -> bool:
-        if args.stop_after_steps is not None and steps >= args.stop_after_steps:
-            return True  # the same step on every rank
-        if world == 1:
-            return stop["flag"]
-        if steps % 10:  # agreeing costs a host sync: ranks compare SIGTERM flags every 10 steps
-            return False
-        t = torch.tensor([int(stop["flag"])], device=device if device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return bool(t.item())
-
-    for epoch in range(start_epoch, total_epochs):
-        size = train_sizes[epoch % len(train_sizes)]
-        v = epoch_view(ds, args, epoch_stage[epoch], epoch, base_keys)
-        ld = loader(ds, view=v, batch_size=args.batch_size, backend=args.loader, train=True, image_size=size,
-                    seed=args.seed, num_workers=args.workers, randaug=randaug, scale=crop_scale,
-                    with_index=True)
-        ld.set_epoch(epoch)
-        if loader_state is not None:
-            ld.load_state_dict(loader_state)
-            loader_state = None
-        elif aum is not None:
-            aum.reset()
-        done0 = ld.state_dict()["batch"]
-        if rank == 0:
-            print(f"epoch {epoch}: {len(v)} entries, {len(ld)} batches of {args.batch_size} per rank, "
-                  f"size {size}" + (f", resuming at batch {done0}" if done0 else ""), flush=True)
-        bar = None
-        if rank == 0 and not args.no_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(ld), initial=done0, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True)
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        lr = schedule.lr_at(epoch + done0 / len(ld))
-        model.train()
-        for i, (images, _, _, ids) in enumerate(ld, start=done0):
-            lr = schedule.step(epoch + i / len(ld))
-            ids = ids.to(device, non_blocking=True)
-            labels = train_labels[ids]
-            x = normalize(images, device=device, channels_last=device.type == "cuda")
-            with autocast(device):
-                logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            if aum is not None:
-                aum.add(logits, labels, ids)
-            loss_sum += loss.detach() * len(ids)
-            seen += len(ids)
-            steps += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
-            if should_stop():
-                save(epoch, ld.state_dict())
-                if rank == 0:
-                    print(f"stopped at epoch {epoch}, step {steps}: {ckpt_path} saved; rerun with --resume")
-                if world > 1:
-                    dist.destroy_process_group()
-                return 0
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        if aum is not None:
-            aum.reduce()
-            if rank == 0:
-                write_margins(out, epoch, samples, train_labels.cpu(), aum)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        eval_model = ema.module if ema is not None else model
-        probs = predict(eval_model, ds, "val", args, device, world, num_classes) if "val" in ds.splits else None
-        if rank == 0:
-            record = {"epoch": epoch, "train_loss": loss_sum.item() / max(1, seen * world), "lr": lr,
-                      "images_per_sec": seen * world / seconds, "image_size": size, "seconds": seconds}
-            if probs is not None:
-                acc = accuracy_report(probs, ds.samples("val")["label"].to_numpy())
-                record.update({f"val_{k}": v for k, v in acc.items()})
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        save(epoch + 1, None)
-
-    eval_model = ema.module if ema is not None else model
+def write_scores(model: torch.nn.Module, data: Data, out: Path, env: Dist) -> None:
+    """scores/{split}.npy (float16 softmax, rows by sample id) and {split}_keys.parquet, for val and test."""
     for split in ("val", "test"):
-        if split in ds.splits:
-            probs = predict(eval_model, ds, split, args, device, world, num_classes)
-            if rank == 0:
-                write_scores(out, split, ds.samples(split)["key"], probs)
-    if world > 1:
+        if split in data.ds.splits:
+            probs = predict(model, data, split, env)
+            if env.rank == 0:
+                (out / "scores").mkdir(parents=True, exist_ok=True)
+                np.save(out / "scores" / f"{split}.npy", probs.astype(np.float16))
+                pl.DataFrame({"key": data.ds.samples(split)["key"]}).write_parquet(
+                    out / "scores" / f"{split}_keys.parquet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = setup_process(args.seed)
+    out, config = Path(args.out), vars(args)
+    data = setup_data(args, env.device)
+    state = setup_training(args, data, env)
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:
+        resume(ckpt_path, state, env.rank)
+    if env.rank == 0:
+        start_run_directory(out, run_config(config, env), data)
+    stop = StopFlag(args.stop_after_steps, env)
+
+    for epoch in range(state.epoch, data.epochs):
+        stats = train_epoch(state, data, epoch, env, stop, smoothing=args.smoothing, clip_grad=args.clip_grad,
+                            progress=env.rank == 0 and not args.no_progress)
+        if stats.stopped_at is not None:  # SIGTERM or --stop-after-steps: checkpoint mid-epoch and exit
+            save_checkpoint(ckpt_path, state, epoch, stats.stopped_at, env, config)
+            if env.rank == 0:
+                print(f"stopped at epoch {epoch}, step {state.steps}: {ckpt_path} saved; rerun with --resume")
+            if env.world > 1:
+                dist.destroy_process_group()
+            return 0
+        if state.aum is not None:
+            write_margins(state.aum, out, epoch, data, env.rank)
+        evaluate_and_log(state.eval_model, data, stats, epoch, out, env)
+        save_checkpoint(ckpt_path, state, epoch + 1, None, env, config)
+
+    write_scores(state.eval_model, data, out, env)
+    if env.world > 1:
         dist.destroy_process_group()
     return 0
-
-
-def write_margins(out: Path, epoch: int, samples: pl.DataFrame, labels: torch.Tensor, aum) -> None:
-    ids, mean, count = aum.result()
-    (out / "margins").mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"key": samples["key"].gather(ids), "label": labels.numpy()[ids],
-                  "margin": mean, "count": count}).write_parquet(out / "margins" / f"epoch-{epoch:03d}.parquet")
-
-
-def write_scores(out: Path, split: str, keys: pl.Series, probs: np.ndarray) -> None:
-    (out / "scores").mkdir(parents=True, exist_ok=True)
-    np.save(out / "scores" / f"{split}.npy", probs.astype(np.float16))
-    pl.DataFrame({"key": keys}).write_parquet(out / "scores" / f"{split}_keys.parquet")
 
 
 if __name__ == "__main__":

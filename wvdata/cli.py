@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 STAGES: tuple[str, ...] = ("build", "info", "views", "dedup")
 

@@ -1,4 +1,4 @@
-"""Read side of the dataset directory (see DESIGN.md): manifest, sample tables, image bytes.
+"""Read side of the dataset directory (see the README): manifest, sample tables, image bytes.
 
 Every later stage (views, stream, dedup, embed, curriculum) opens a dataset through here.
 """
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any
 
 import polars as pl
 

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .build import build, format_summary
-from .dedup import dedup, format_summary as dedup_summary
+from .dedup import dedup
+from .dedup import format_summary as dedup_summary
 from .info import format_info, info
 from .synth import make_webvision_crawl
 from .views import view
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ld = loader(dataset, view="clean", batch_size=32, image_size=128, num_workers=2, rank=0, world_size=1)
     t0, n = time.perf_counter(), 0
-    for images, labels, keys in ld:
-        n += len(keys)
-    print(f"    {n} images in {len(ld)} batches of {tuple(images.shape[1:])} uint8, "
+    shape = None
+    for images, _, keys in ld:
+        n, shape = n + len(keys), tuple(images.shape[1:])
+    print(f"    {n} images in {len(ld)} batches of {shape} uint8, "
           f"{n / (time.perf_counter() - t0):.0f} img/s (including worker start-up)")
     return 0
 

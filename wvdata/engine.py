@@ -15,7 +15,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 ENGINES = ("local", "ray")
 _COUNTER: Any = None  # shared image counter of a local pool's worker (see tick)

@@ -1,4 +1,4 @@
-"""Views: explicit entry lists over the immutable shards of one split (DESIGN.md).
+"""Views: explicit entry lists over the immutable shards of one split (see the README).
 
 A view combines curation tables (dedup, AUM, curriculum, class balance) into the entries a
 reader visits; an entry may repeat. It is written as `views/NAME/view.json`, `entries.parquet`
@@ -73,7 +73,7 @@ def balance_per_class(df: pl.DataFrame, n: int, seed: int = 0) -> pl.DataFrame:
     its samples repeated, topped up by a random draw (the WebVision 2020 class-level balance)."""
     rng = np.random.default_rng(seed)
     picks = []
-    for (label,), part in df.sort("key").group_by("label", maintain_order=True):
+    for _, part in df.sort("key").group_by("label", maintain_order=True):
         idx = np.arange(part.height)
         if part.height >= n:
             take = rng.choice(idx, n, replace=False)

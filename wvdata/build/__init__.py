@@ -21,9 +21,9 @@ from typing import Any
 
 import polars as pl
 
-from ..engine import ENGINES, check_engine, run_tasks
 from .._args import add_options, options_from
 from ..dataset import FORMAT_NAME, FORMAT_VERSION
+from ..engine import ENGINES, check_engine, run_tasks
 from .image import load_torch
 from .layouts import SPLITS, scan
 from .options import DEFAULT_SHARD_BYTES, SAMPLE_OVERHEAD, BuildOptions

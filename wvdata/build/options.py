@@ -32,7 +32,7 @@ class BuildOptions(ImageOptions):
             raise ValueError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
 
     @classmethod
-    def of(cls, options: "BuildOptions | None" = None, **kwargs: Any) -> "BuildOptions":
+    def of(cls, options: BuildOptions | None = None, **kwargs: Any) -> BuildOptions:
         """`options` with `kwargs` replaced; an unknown name is an error that lists the known ones."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)

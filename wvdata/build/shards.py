@@ -11,8 +11,8 @@ import io
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .. import engine
 from .image import ImageOptions, ImageRejected, process_image

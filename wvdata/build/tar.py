@@ -7,8 +7,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO
 
 IDX_VERSION = "v1.2"
 

@@ -37,8 +37,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -46,10 +47,22 @@ import polars as pl
 from .._args import parse_list
 from ..dataset import Dataset, is_url, open_dataset, open_file
 from ..engine import ENGINES, run_tasks
-from .cluster import (CHROMA_TOL, FLAT_STD, OUT_SCHEMA, UnionFind, build_table, colour_ok, flat_pairs,
-                      pairs_frame, sha1_pairs)
+from .cluster import (
+    CHROMA_TOL,
+    FLAT_STD,
+    OUT_SCHEMA,
+    UnionFind,
+    build_table,
+    colour_ok,
+    flat_pairs,
+    pairs_frame,
+    sha1_pairs,
+)
 from .hashing import FULL, HASHES, Hashes, aligned_distance, hamming, hash_images
 from .search import candidate_pairs
+
+__all__ = ["dedup", "find_duplicates", "save", "write_table", "format_summary", "DedupResult",
+           "OUT_SCHEMA", "CHROMA_TOL", "FLAT_STD", "SEARCH_VIEWS", "DEFAULT_RADIUS", "add_cli"]
 
 SEARCH_VIEWS = (FULL, (0.025,) * 4, (0.05,) * 4, (0.05, 0.0, 0.0, 0.0),
                 (0.0, 0.05, 0.0, 0.0), (0.0, 0.0, 0.05, 0.0), (0.0, 0.0, 0.0, 0.05))
@@ -306,7 +319,8 @@ def format_summary(table: pl.DataFrame, stats: dict[str, Any] | None = None) -> 
         lines.append(f"  {stats['hash']} {stats['bits']} bits, radius {stats['radius']}; "
                      f"{stats['candidates']} candidate pairs, {stats['aligned_checks']} crop-aligned "
                      f"checks ({stats['aligned_accepted']} accepted), {stats['flat']} flat images; "
-                     f"{stats['seconds']:.1f}s ({stats['samples'] / max(stats['hash_seconds'], 1e-9):.0f} img/s hashing)")
+                     f"{stats['seconds']:.1f}s "
+                     f"({stats['samples'] / max(stats['hash_seconds'], 1e-9):.0f} img/s hashing)")
     return "\n".join(lines)
 
 
@@ -331,19 +345,20 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits to cover")
     p.add_argument("--radius", type=int, default=None,
                    help="Hamming search radius (default 10 for 64 bits, 20 for 256)")
-    p.add_argument("--hash", choices=HASHES, default="phash")
+    p.add_argument("--hash", choices=HASHES, default="phash", help="perceptual hash (default: phash)")
     p.add_argument("--bits", type=int, choices=(64, 256), default=None,
                    help="search hash length (default 64)")
     p.add_argument("--exact", action="store_true",
                    help="full-size decode: hashes bit-equal to imagehash (slower)")
     p.add_argument("--no-verify", action="store_true",
                    help="accept raw hash matches (no 256-bit crop-aligned check)")
-    p.add_argument("--verify-radius", type=int, default=VERIFY_RADIUS)
+    p.add_argument("--verify-radius", type=int, default=VERIFY_RADIUS,
+                   help=f"max 256-bit pHash distance of a verified pair (default: {VERIFY_RADIUS})")
     p.add_argument("--method", choices=("auto", "flat", "multihash", "mih"), default="auto",
                    help="near-duplicate search: FAISS flat / IndexBinaryMultiHash, or compiled "
                         "multi-index hashing (auto: flat for small sets, mih for large ones)")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process pool or Ray tasks")
     p.add_argument("--workers", type=int, default=None, help="local processes (default: all cores)")
     p.add_argument("--report", default=None, help="render clusters and leaks to a .png or .html")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)

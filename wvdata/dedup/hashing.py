@@ -22,9 +22,9 @@ the best-matching border crop of another, found by profile matching and coordina
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -112,12 +112,12 @@ def view_thumbs(img: Image.Image, box, views: Sequence[Box], size: tuple[int, in
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     out = np.empty((len(views), size[1], size[0]), np.uint8)
-    for i, (l, t, r, b) in enumerate(views):
-        if exact and (l, t, r, b) == FULL:
+    for i, (left, t, r, b) in enumerate(views):
+        if exact and (left, t, r, b) == FULL:
             out[i] = np.asarray(img.resize(size, _LANCZOS))  # the very call imagehash makes
         else:
             out[i] = np.asarray(img.resize(size, _LANCZOS, box=(
-                x0 + l * w, y0 + t * h, x1 - r * w, y1 - b * h)))
+                x0 + left * w, y0 + t * h, x1 - r * w, y1 - b * h)))
     return out
 
 
@@ -204,9 +204,9 @@ def _view_operators(hash: str, hash_size: int, m: int, views: tuple) -> tuple[np
     to the DCT block (pHash: DCT folded into the resampling) or to the thumbnail (dHash)."""
     tw, th = thumb_size(hash, hash_size)
     lefts, rights = [], []
-    for l, t, r, b in views:
+    for left, t, r, b in views:
         ry = _lanczos_matrix(th, m, t * m, (1 - b) * m)
-        rx = _lanczos_matrix(tw, m, l * m, (1 - r) * m)
+        rx = _lanczos_matrix(tw, m, left * m, (1 - r) * m)
         if hash == "phash":
             ry = _dct_matrix(th, hash_size) @ ry
             rx = _dct_matrix(tw, hash_size) @ rx
@@ -328,12 +328,12 @@ def _align_one_way(img, box, target, hash_size: int, max_crop: float) -> tuple[i
     seen: dict[tuple, tuple[float, int]] = {}
 
     def crop_of(p):  # (left, top, width fraction) -> (left, top, right, bottom)
-        l, t, w = p
-        return tuple(min(max(v, 0.0), max_crop) for v in (l, t, 1.0 - l - w, 1.0 - t - w * aspect))
+        left, t, w = p
+        return tuple(min(max(v, 0.0), max_crop) for v in (left, t, 1.0 - left - w, 1.0 - t - w * aspect))
 
     def raw(p):
-        l, t, w = p
-        return (l, t, 1.0 - l - w, 1.0 - t - w * aspect)
+        left, t, w = p
+        return (left, t, 1.0 - left - w, 1.0 - t - w * aspect)
 
     def evaluate(params):
         params = [p for p in {tuple(round(v, 4) for v in p) for p in params} if p not in seen

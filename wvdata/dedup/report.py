@@ -86,7 +86,7 @@ def _png(rows, path: str, title: str) -> None:
 def _html(rows, path: str, title: str) -> None:
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font:13px sans-serif}figure{display:inline-block;margin:3px;"
-             "width:%dpx}figcaption{font-size:11px;word-break:break-all}</style>" % THUMB,
+             f"width:{THUMB}px}}figcaption{{font-size:11px;word-break:break-all}}</style>",
              f"<h2>{html.escape(title)}</h2>"]
     for name, items in rows:
         parts.append(f"<h4>{html.escape(name)}</h4><div>")

@@ -47,7 +47,7 @@ class EntryArrays:
     keys: list[str]
 
     @classmethod
-    def of(cls, v: View) -> "EntryArrays":
+    def of(cls, v: View) -> EntryArrays:
         e = v.entries
         return cls([v.dataset.shard_path(v.split, s) for s in v.shards], e["shard_id"].to_numpy(),
                    e["data_offset"].to_numpy(), e["bytes"].to_numpy(), e["width"].to_numpy(),

@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter, defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from PIL import Image
 from ..build.tar import format_idx, parse_idx
 from ..dataset import is_url
 from ..views import View
-from .base import EntryArrays, LoaderBase, ShardFiles
+from .base import LoaderBase, ShardFiles
 from .transforms import TransformConfig
 
 log = logging.getLogger("wvdata.stream")

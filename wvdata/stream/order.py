@@ -70,4 +70,5 @@ def num_batches(n: int, world_size: int, batch_size: int, drop_last: bool = Fals
     """Batches per rank for a view of n entries."""
     if drop_last:
         return n // (world_size * batch_size)
-    return -(-(-(-n // world_size)) // batch_size)
+    per_rank = -(-n // world_size)  # ceil: ranks are padded to equal length
+    return -(-per_rank // batch_size)

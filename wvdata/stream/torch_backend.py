@@ -6,7 +6,8 @@ entries from few shards and hands over a finished uint8 batch.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -3,30 +3,29 @@ scikit-learn (nothing is downloaded): the ground truth behind dedup's defaults, 
 its benchmark (`pip install wvdata[synth]`)."""
 from __future__ import annotations
 
-import io
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
+
+from . import images
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "clock", "moon",
           "hubble_deep_field", "immunohistochemistry", "retina", "page", "text", "cell")
 
 
 def photo(name: str) -> Image.Image:
-    """A photo bundled with scikit-image, as RGB."""
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    """`images.photo(name)` as a PIL RGB image, the form the transforms below (and callers) edit."""
+    return Image.fromarray(images.photo(name))
 
 
 def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    """`img` converted to RGB (a grayscale copy too) as a JPEG, quality 90 by default."""
+    return images.jpeg(img.convert("RGB"), quality)
 
 
-def _crop(img: Image.Image, left=0.0, top=0.0, right=0.0, bottom=0.0) -> Image.Image:
+def _crop(img: Image.Image, left: float = 0.0, top: float = 0.0, right: float = 0.0,
+          bottom: float = 0.0) -> Image.Image:
     w, h = img.size
     return img.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
 
@@ -45,7 +44,8 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
 }
 
 
-def near_duplicates(names=PHOTOS, transforms=tuple(TRANSFORMS)) -> list[tuple[str, bytes, dict[str, bytes]]]:
+def near_duplicates(names: Iterable[str] = PHOTOS,
+                    transforms: Iterable[str] = tuple(TRANSFORMS)) -> list[tuple[str, bytes, dict[str, bytes]]]:
     """(photo name, original JPEG, {transform: copy JPEG}) per photo."""
     out = []
     for n in names:
@@ -56,13 +56,11 @@ def near_duplicates(names=PHOTOS, transforms=tuple(TRANSFORMS)) -> list[tuple[st
 
 def digits(per_class: int = 12, size: int = 64) -> list[tuple[int, bytes]]:
     """sklearn's 8x8 handwritten digits upscaled to size² (low entropy): (digit, JPEG)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    imgs, labels = images.digits()
     out = []
     for digit in range(10):
-        for i in np.where(d.target == digit)[0][:per_class]:
-            a = (255 - d.images[i] * 16).clip(0, 255).astype(np.uint8)
+        for i in np.where(labels == digit)[0][:per_class]:
+            a = (255 - imgs[i] * 256).clip(0, 255).astype(np.uint8)
             out.append((digit, jpeg(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST))))
     return out
 

@@ -1,0 +1,50 @@
+"""Helpers every benchmark shares: CPU time, the machine line at the top of a result, load, reads.
+
+Kept free of wvdata (and so of polars) imports, so that a benchmark process stays light until it
+chooses to import wvdata.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+from collections.abc import Iterable
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished (waited-for) children."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "?"
+
+
+def machine(gpu: str | None = None) -> str:
+    """`machine: nproc=N, cpu=MODEL[, gpu=GPU], python=X.Y.Z`: the first line of every result."""
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return (f"machine: nproc={nproc}, cpu={cpu_model()}, " + (f"gpu={gpu}, " if gpu is not None else "")
+            + f"python={platform.python_version()}")
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (other jobs on the machine skew wall times)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def read_all(paths: Iterable[str | os.PathLike]) -> int:
+    """Read every file once (so that timed runs read from the page cache); return the bytes read."""
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    return total
