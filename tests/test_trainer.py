@@ -1,15 +1,14 @@
 """The trainer on a real 10-class set (scikit-learn's handwritten digits as colour JPEGs)."""
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from _train import QUICK, ROOT, run_trainer
 
 from trainer.aum import MarginAccumulator, margins, threshold_samples
 from trainer.metrics import accuracy_report, class_averaged, topk_hits
@@ -17,9 +16,7 @@ from wvdata import build
 from wvdata.synth import make_digits_folder
 from wvdata.views import view
 
-ROOT = Path(__file__).parent.parent
-COMMON = ["--model", "test_resnet", "--image-size", "32", "--randaug", "0,0", "--workers", "1",
-          "--no-progress", "--warmup-epochs", "0.3"]
+COMMON = QUICK
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +28,7 @@ def digits(tmp_path_factory):
     return base / "ds"
 
 
-def _run(args, nproc=1, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer.train", *args]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port), "-m", "trainer.train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+_run = run_trainer
 
 
 def test_ddp_two_ranks_learns_digits_and_writes_the_run_directory(digits, tmp_path):

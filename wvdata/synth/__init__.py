@@ -11,8 +11,16 @@ Needs the `synth` extra (`pip install 'wvdata[synth]'`).
 """
 from __future__ import annotations
 
-from .crawls import Crawl, make_digits_folder, make_folder_crawl, make_grainy_crawl, make_webvision_crawl
+from .crawls import (
+                     Crawl,
+                     make_digits_folder,
+                     make_folder_crawl,
+                     make_grainy_crawl,
+                     make_noisy_digits,
+                     make_webvision_crawl,
+)
 from .images import DIGIT_NAMES, WEB_SIZES, crop, digit_image, digits, encode, exif_jpeg, jpeg, photo, photos
 
 __all__ = ["DIGIT_NAMES", "WEB_SIZES", "Crawl", "crop", "digit_image", "digits", "encode", "exif_jpeg", "jpeg",
-           "make_digits_folder", "make_folder_crawl", "make_grainy_crawl", "make_webvision_crawl", "photo", "photos"]
+           "make_digits_folder", "make_folder_crawl", "make_grainy_crawl", "make_noisy_digits",
+           "make_webvision_crawl", "photo", "photos"]

@@ -160,6 +160,26 @@ def make_digits_folder(root: str | os.PathLike, *, size: int = 32, val_fraction:
     return crawl
 
 
+def make_noisy_digits(root: str | os.PathLike, *, flip: float = 0.2, size: int = 32, seed: int = 0) -> Crawl:
+    """`make_digits_folder` plus `root/manifest.csv` in which a `flip` share of the train labels
+    is replaced by another class (val stays clean): the ground truth for label-noise methods
+    (AUM, curriculum). The manifest's `true_label` column keeps the real class, so it reaches
+    each sample's KEY.json; `Crawl.items` holds (path, true label, given label)."""
+    crawl = make_digits_folder(root, size=size, seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    lines = ["path,label,split,class_name,true_label\n"]
+    for split, items in crawl.items.items():
+        noisy = []
+        for rel, c, _ in items:
+            given = int((c + rng.integers(1, 10)) % 10) if split == "train" and rng.random() < flip else c
+            noisy.append((rel, c, given))
+            lines.append(f"{rel},{given},{split},{DIGIT_NAMES[given]},{c}\n")
+        crawl.items[split] = noisy
+    (crawl.root / "manifest.csv").write_text("".join(lines))
+    crawl.classes = list(DIGIT_NAMES)
+    return crawl
+
+
 # ---------------------------------------------------------------- the benchmarks' crawl
 
 def _grainy_name(label: int) -> str:
