@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-all lint bench install clean
 
 $(STAMP): pyproject.toml
+	@echo "installing into $(VENV): about 7.5 GB (CUDA builds of torch and DALI, which also run on CPU), 5-10 minutes"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.stream_bench
 	$(BIN)/python -m benchmarks.dedup_bench
 	$(BIN)/python -m benchmarks.train_bench
+	$(BIN)/python -m benchmarks.verify_bench
+	$(BIN)/python -m benchmarks.curriculum_bench
+	$(BIN)/python -m benchmarks.aum_bench
+	$(BIN)/python -m benchmarks.ensemble_bench
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

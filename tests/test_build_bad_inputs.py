@@ -32,7 +32,7 @@ def _bad_webvision(root: Path) -> tuple[dict, dict]:
     g = root / "google"
     for i in range(8):
         write(g / "q0001" / f"good{i}.jpg", _good(i))
-    write(g / "q0001" / "ünïcödé name.jpg", _good(8))  # a space cannot be in a filelist line
+    write(g / "q0001" / "ünïcödé name.jpg", _good(8))  # the label is the last field: spaces are fine
     write(g / "q0001" / "empty.jpg", b"")
     write(g / "q0001" / "trunc.jpg", _good(9)[:2000])
     write(g / "q0001" / "random.jpg", bytes((i * 7919 + 13) % 251 for i in range(4096)))
@@ -69,13 +69,13 @@ def _bad_webvision(root: Path) -> tuple[dict, dict]:
         ("google/q0001/good6.jpg", "3", "google/q0001.json 1", "label out of range", None),
         ("google/q0001/good6.jpg", "-1", "google/q0001.json 1", "label out of range", None),
         ("google/q0001/good6.jpg", "cat", "google/q0001.json 1", "bad label", None),
-        ("google/q0001/good7.jpg", "1.0", "google/q0001.json 1", "bad label", None),
+        ("google/q0001/good7.jpg", "1.0", "google/q0001.json 1", None, None),  # an integer, as in manifests
         ("../outside.jpg", "0", "google/q0001.json 1", "path escapes source", None),
         ("google/../../outside.jpg", "0", "google/q0001.json 1", "path escapes source", None),
         (str(root.parent / "outside.jpg"), "0", "google/q0001.json 1", "path escapes source", None),
-        ("google/q0001/ünïcödé name.jpg", "0", "google/q0001.json 1", "malformed filelist line", None),
+        ("google/q0001/ünïcödé name.jpg", "0", "google/q0001.json 1", None, None),
         ("google/q0001/good7.jpg", "", "google/q0001.json 1", "malformed filelist line", None),
-        ("google/q0001/good7.jpg", "0 extra", "google/q0001.json 1", "malformed filelist line", None),
+        ("google/q0001/good7.jpg", "0 extra", "google/q0001.json 1", "bad label", None),
     ]
     # the two lists are read line by line in step; blank lines are skipped
     write(info / "train_filelist_google.txt",
@@ -88,8 +88,9 @@ def _bad_webvision(root: Path) -> tuple[dict, dict]:
     write(root / "test_images_256" / "test1.jpg", _good(13))
     write(info / "test_filelist.txt", b"test1.jpg\ntest2.jpg\n")
 
-    def src_path(p, lab):  # malformed lines are reported as the whole line
-        return f"{p} {lab}".strip() if len(f"{p} {lab}".split()) != 2 else p
+    def src_path(p, lab):  # a line without a label is reported whole; else the path is all but the last field
+        line = f"{p} {lab}".strip()
+        return line if len(line.split()) < 2 else line.rsplit(" ", 1)[0]
 
     expect = {
         "train": [(src_path(p, lab), reason) for p, lab, _, reason, _ in train],

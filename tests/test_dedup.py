@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 
 import numpy as np
 import polars as pl
@@ -219,8 +220,9 @@ def test_cli_and_reports(dataset, tmp_path, capsys):
                               "--report", str(page)])
     assert args.func(args) == 0
     text = page.read_text()
-    assert text.count("data:image/jpeg;base64") > 40 and text.count("leak train/") + \
-        text.count("/train: distance") == 2
+    assert text.count("data:image/jpeg;base64") > 40
+    assert re.search(r"CLUSTERS: showing the \d+ largest of \d+", text) and "KEEP = the one kept" in text
+    assert "LEAKS: 2 train/val-test pairs" in text and text.count(">LEAK train d=") == 2  # each leak once
 
 
 def test_exact_mode_hash_equals_imagehash(dataset):

@@ -47,7 +47,22 @@ class MarginAccumulator:
         self.count.zero_()
 
 
-def threshold_samples(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
-    """Seeded 1/(C+1) of the sample ids, to be relabelled to the extra fake class C."""
-    rng = np.random.default_rng([seed, 0xA0B])
-    return np.sort(rng.choice(num_samples, num_samples // (num_classes + 1), replace=False))
+def threshold_samples(num_samples: int, num_classes: int, seed: int, part: int | None = None) -> np.ndarray:
+    """Seeded 1/(C+1) of the sample ids (N // (C+1) of them), to be relabelled to the extra fake class C.
+
+    With `part` 0 or 1 (`--aum-threshold-part`) they are drawn from one half of the ids only: the
+    halves are a permutation of the ids that depends on N alone, not on `seed`, split in two. Two
+    runs with parts 0 and 1 thus always have disjoint threshold sets, whatever their seeds, and
+    `wvdata aum` judges each sample by the run(s) in which it kept its own label. Each part
+    relabels the same N // (C+1) ids as a run without a part (all of its half if that is smaller).
+    """
+    n = num_samples // (num_classes + 1)
+    if part is None:
+        rng = np.random.default_rng([seed, 0xA0B])
+        return np.sort(rng.choice(num_samples, n, replace=False))
+    if part not in (0, 1):
+        raise ValueError(f"threshold part must be 0 or 1, got {part}")
+    halves = np.array_split(np.random.default_rng([0xA0B, 2, num_samples]).permutation(num_samples), 2)
+    pool = halves[part]
+    rng = np.random.default_rng([seed, 0xA0B, 3, part])
+    return np.sort(rng.choice(pool, min(n, len(pool)), replace=False))

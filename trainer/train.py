@@ -5,8 +5,8 @@
     python -m trainer.train --data DATASET --model test_resnet --image-size 32 --epochs 3  # CPU
 
 Everything reusable comes from `wvdata` (views, loader, normalisation); this file is the loop.
-It writes the run directory of DESIGN.md: config.json, metrics.jsonl, checkpoint.pt,
-scores/{split}.npy + {split}_keys.parquet, margins/epoch-NNN.parquet (+ threshold.parquet).
+It writes the run directory: config.json, metrics.jsonl, checkpoint.pt, scores/{split}.npy
++ {split}_keys.parquet, margins/epoch-NNN.parquet (+ threshold.parquet).
 
 Multi-scale training (`--train-sizes 160,192,224`) changes the size per epoch, cycling
 through the list; evaluation averages softmax over `--eval-sizes` x `--eval-crops`.
@@ -14,9 +14,7 @@ through the list; evaluation averages softmax over `--eval-sizes` x `--eval-crop
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import platform
 import random
@@ -36,11 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import wvdata
+from wvdata.cli import HelpFormatter
 from wvdata.stream import loader, normalize
 from wvdata.views import balance_per_class, load_view, memory_view, select
 
+from ._cli import run_main
 from .aum import MarginAccumulator, threshold_samples
 from .metrics import accuracy_report
+from .optim import EMA, WarmupCosine, param_groups
 
 if TYPE_CHECKING:
     from wvdata import Dataset
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory built by `wvdata build`")
     p.add_argument("--view", default=None, help="train on this view (default: the whole train split)")
     p.add_argument("--out", default="runs/run", help="run directory")
@@ -57,33 +58,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained-file", default=None, help="local weights to start from (nothing is downloaded)")
     p.add_argument("--epochs", type=int, default=10, help="ignored when --stages is given")
     p.add_argument("--stages", default=None, help='curriculum, e.g. "1:10,1+2:10,1+2+3:20" (subsets:epochs)')
+    p.add_argument("--batch-quota", default=None, help="curriculum batches: global per-subset counts, e.g. 128,64,64")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.1, help="for a global batch of 256; scaled linearly")
-    p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser (SGD with Nesterov, or AdamW)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="not applied to norms and biases")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, in (fractional) epochs")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--clip-grad", type=float, default=5.0, help="max grad norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights (0: off), e.g. 0.9998")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (see --train-sizes)")
     p.add_argument("--train-sizes", default=None, help="multi-scale: sizes cycled per epoch, e.g. 160,192,224")
     p.add_argument("--eval-sizes", default=None, help="multi-scale testing sizes (default: --image-size)")
-    p.add_argument("--eval-crops", type=int, default=1, choices=[1, 5, 10])
+    p.add_argument("--eval-crops", type=int, default=1, choices=[1, 5, 10], help="crops averaged per eval image")
     p.add_argument("--randaug", default="2,9", help="RandAugment n,m (0,0: off)")
     p.add_argument("--crop-scale", default="0.08,1", help="RandomResizedCrop area range")
     p.add_argument("--per-class", type=int, default=None, help="class balance: N entries per class per epoch")
-    p.add_argument("--loader", default="torch", choices=["torch", "dali"])
-    p.add_argument("--workers", type=int, default=4, help="loader workers (DALI threads) per rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loader", default="torch", choices=["torch", "dali"], help="wvdata.loader backend")
+    p.add_argument("--workers", type=int, default=None, help="loader workers per rank (default: cores, up to 8)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and augmentation")
     p.add_argument("--aum", action="store_true", help="record per-sample margins every epoch")
-    p.add_argument("--aum-threshold-samples", action="store_true",
-                   help="relabel a seeded 1/(C+1) of the samples to an extra fake class")
+    p.add_argument("--aum-threshold-samples", action="store_true", help="relabel a seeded 1/(C+1) to a fake class")
+    p.add_argument("--aum-threshold-part", type=int, choices=[0, 1], help="threshold samples from id half 0 or 1")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="checkpoint and stop after this many steps in total (as on SIGTERM)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     return p.parse_args(argv)
 
 
@@ -147,13 +149,14 @@ class Data:
     seed: int
     batch_size: int  # per rank
     backend: str
-    workers: int
+    workers: int | None
     train_sizes: list[int]  # cycled per epoch
     randaug: tuple[int, ...]
     crop_scale: tuple[float, ...]
     image_size: int
     eval_sizes: str | None
     eval_crops: int
+    batch_quota: str | None = None  # curriculum quota batches (per subset, global); a stage's absent subsets share
 
     def train_loader(self, epoch: int) -> tuple[LoaderBase, View, int]:
         """This epoch's train loader (set to the epoch), entries and image size. The entries: the view (or split),
@@ -169,7 +172,7 @@ class Data:
             v = memory_view(self.ds, df, "train")
         ld = loader(self.ds, view=v, batch_size=self.batch_size, backend=self.backend, train=True, image_size=size,
                     seed=self.seed, num_workers=self.workers, randaug=self.randaug, scale=self.crop_scale,
-                    with_index=True)
+                    with_index=True, quota=self.batch_quota)
         ld.set_epoch(epoch)
         return ld, v, size
 
@@ -179,7 +182,8 @@ def setup_data(args: argparse.Namespace, device: torch.device) -> Data:
     ds = wvdata.open_dataset(args.data)
     samples = ds.samples("train")
     labels = torch.as_tensor(samples["label"].to_numpy().copy(), dtype=torch.int64)
-    fake = threshold_samples(samples.height, ds.num_classes, args.seed) if args.aum_threshold_samples else None
+    fake = (threshold_samples(samples.height, ds.num_classes, args.seed, args.aum_threshold_part)
+            if args.aum_threshold_samples else None)
     if fake is not None:
         labels[fake] = ds.num_classes
     labels = labels.to(device)
@@ -193,7 +197,7 @@ def setup_data(args: argparse.Namespace, device: torch.device) -> Data:
         args.seed, args.batch_size, args.loader, args.workers,
         train_sizes=[int(s) for s in args.train_sizes.split(",")] if args.train_sizes else [args.image_size],
         randaug=tuple(int(v) for v in args.randaug.split(",")),
-        crop_scale=tuple(float(v) for v in args.crop_scale.split(",")),
+        crop_scale=tuple(float(v) for v in args.crop_scale.split(",")), batch_quota=args.batch_quota,
         image_size=args.image_size, eval_sizes=args.eval_sizes, eval_crops=args.eval_crops)
 
 
@@ -214,57 +218,6 @@ def build_model(name: str, num_outputs: int, device: torch.device,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and biases (every 1-d parameter)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class WarmupCosine:
-    """LR as a function of fractional epoch: linear warmup, then cosine to zero."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup: float, total: float) -> None:
-        self.optimizer, self.base_lr, self.warmup, self.total = optimizer, base_lr, warmup, total
-        self.t = 0.0
-
-    def lr_at(self, t: float) -> float:
-        if t < self.warmup:
-            return self.base_lr * (t + 1e-3) / self.warmup
-        progress = (t - self.warmup) / max(1e-9, self.total - self.warmup)
-        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    def step(self, t: float) -> float:
-        self.t = t
-        lr = self.lr_at(t)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
-
-    def state_dict(self) -> dict:
-        return {"t": self.t, "base_lr": self.base_lr, "warmup": self.warmup, "total": self.total}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.t, self.base_lr, self.warmup, self.total = s["t"], s["base_lr"], s["warmup"], s["total"]
-
-
-class EMA:
-    """Exponential moving average of the weights (and a copy of the buffers)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
 
 
 @dataclass
@@ -595,4 +548,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="trainer.train"))

@@ -1,8 +1,9 @@
 """wvdata: a data layer for training image models on large, noisy, web-crawled collections.
 
 Public functions (each CLI command is a thin layer over one of them): `build`, `info`,
-`open_dataset`, `view`, `loader`, `dedup`. `loader` loads lazily, so building and curating
-never import torch.
+`open_dataset`, `view`, `dedup`, `loader` here; `wvdata.verify.verify`, `wvdata.embed.embed`,
+`wvdata.curriculum.curriculum` and `wvdata.aum.aum` in their modules. `loader` loads lazily, so
+building and curating never import torch.
 """
 from __future__ import annotations
 

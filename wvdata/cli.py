@@ -5,27 +5,43 @@ Every stage module registers its own subcommand with `add_cli(subparsers)`.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from collections.abc import Sequence
 
-STAGES: tuple[str, ...] = ("build", "info", "views", "dedup")
+from ._args import HelpFormatter, Parser
+
+__all__ = ["main", "make_parser", "HelpFormatter", "STAGES"]
+STAGES: tuple[str, ...] = ("build", "info", "views", "dedup", "verify", "aum", "embed", "curriculum")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wvdata", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    p = Parser(prog="wvdata", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"wvdata {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # defaults shown
     for module in STAGES:
         importlib.import_module(f"wvdata.{module}").add_cli(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args = make_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError) as e:
-        print(f"wvdata {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every error is one line (disk full, permission, bad input)
+        if debug:
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError) and text.startswith(("'", '"')):
+            text = text[1:-1]
+        print(f"wvdata {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

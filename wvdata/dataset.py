@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,6 +16,23 @@ import polars as pl
 
 FORMAT_NAME = "wvdata"
 FORMAT_VERSION = 1
+# Names read back from dataset files become paths only after matching these (a tampered
+# dataset.json, samples.parquet or view.json must not open anything outside the dataset).
+_NAME_RULES = {
+    "split": (re.compile(r"(train|val|test)"), "train, val or test"),
+    "shard": (re.compile(r"shard-[0-9]{6,9}"), "shard-NNNNNN"),
+    "view": (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+             "1-64 letters, digits, '_', '-' or '.', not starting with '.' or '-'"),
+}
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` if it is a valid split, shard or view name; else a ValueError saying the rule."""
+    rule, text = _NAME_RULES[kind]
+    if not isinstance(name, str) or not rule.fullmatch(name):
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:77] + "..."
+        raise ValueError(f"invalid {kind} name {shown!r}: {kind} names are {text}")
+    return name
 
 
 def join(base: str, *parts: str) -> str:
@@ -75,12 +93,16 @@ class Dataset:
     def shards(self, split: str) -> list[dict[str, Any]]:
         """Shard records of a split: name, samples, bytes (only complete shards are listed)."""
         self._check_split(split)
-        return list(self.manifest["splits"][split]["shards"])
+        shards = list(self.manifest["splits"][split]["shards"])
+        for rec in shards:
+            check_name("shard", rec["name"])
+        return shards
 
     def shard_path(self, split: str, shard: str, ext: str = "tar") -> str:
-        return join(self.root, split, f"{shard}.{ext}")
+        return join(self.root, check_name("split", split), f"{check_name('shard', shard)}.{ext}")
 
     def _check_split(self, split: str) -> None:
+        check_name("split", split)
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in dataset {self.root} (has {self.splits})")
 
@@ -98,6 +120,7 @@ class Dataset:
         splits = [split] if split else self.splits
         frames = []
         for s in splits:
+            self._check_split(s)
             with open_file(join(self.root, s, "errors.parquet")) as f:
                 frames.append(pl.read_parquet(f))
         return pl.concat(frames, how="vertical") if frames else pl.DataFrame()

@@ -72,24 +72,63 @@ def render(rows: Sequence[Row], path: str | os.PathLike, title: str) -> str:
     return path
 
 
-def _png(rows: Sequence[Row], path: str, title: str) -> None:
+def _wrap(text: str, width_px: int) -> list[str]:
+    """Split text into lines of about width_px pixels (the default font is ~6 px a character)."""
+    chars = max(20, width_px // 6)
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > chars:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+def _png(rows: Sequence[Row], path: str, title: str, per_line: int = 8) -> None:
+    """Rows flow left to right as blocks (a title over its tiles) and wrap at `per_line` tiles,
+    so many small clusters share a line; a row without tiles is a section heading."""
     font = ImageFont.load_default()
-    cap, head = 28, 18
-    width = max([len(tiles) for _, tiles in rows] + [4]) * (THUMB + 6) + 12
-    height = 30 + sum(head + THUMB + cap + 8 for _ in rows)
-    sheet = Image.new("RGB", (width, max(height, 60)), (245, 245, 245))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((6, 8), title, fill=(0, 0, 0), font=font)
-    y = 30
+    cell, cap, head, gap = THUMB + 6, 28, 16, 10
+    width = per_line * cell + 12
+    ops: list[tuple[str, int, int, object]] = []  # (kind, x, y, payload), laid out before drawing
+    y = 8
+    for line in _wrap(title, width - 12):
+        ops.append(("text", 6, y, (line, (0, 0, 0))))
+        y += 14
+    y += 6
+    x, line_h = 6, 0
     for name, tiles in rows:
-        draw.text((6, y + 2), name, fill=(0, 0, 128), font=font)
-        y += head
+        if not tiles:  # a section heading on its own line(s)
+            y, x, line_h = y + line_h + (gap if line_h else 0), 6, 0
+            for line in _wrap(name, width - 12):
+                ops.append(("text", 6, y, (line, (0, 0, 128))))
+                y += 14
+            y += 4
+            continue
+        w = len(tiles) * cell
+        if x > 6 and x + w > width:
+            x, y, line_h = 6, y + line_h + gap, 0
+        ops.append(("text", x, y + 2, (name, (0, 0, 128))))
         for k, t in enumerate(tiles):
-            x = 6 + k * (THUMB + 6)
-            sheet.paste(t.image.resize((THUMB, THUMB)) if t.image.size != (THUMB, THUMB) else t.image, (x, y))
-            draw.text((x, y + THUMB + 2), t.line1, fill=_TONES.get(t.tone, (0, 0, 0)), font=font)
-            draw.text((x, y + THUMB + 14), t.line2, fill=(60, 60, 60), font=font)
-        y += THUMB + cap + 8
+            tx = x + (k % per_line) * cell
+            ty = y + head + (k // per_line) * (THUMB + cap)
+            ops.append(("tile", tx, ty, t))
+        x += min(w, per_line * cell) + gap
+        line_h = max(line_h, head + -(-len(tiles) // per_line) * (THUMB + cap))
+    height = y + line_h + 12
+    sheet = Image.new("RGB", (width + gap * 2, max(height, 60)), (245, 245, 245))
+    draw = ImageDraw.Draw(sheet)
+    for kind, ox, oy, payload in ops:
+        if kind == "text":
+            text, fill = payload  # type: ignore[misc]
+            draw.text((ox, oy), text, fill=fill, font=font)
+        else:
+            t = payload  # type: ignore[assignment]
+            img = t.image if t.image.size == (THUMB, THUMB) else t.image.resize((THUMB, THUMB))
+            sheet.paste(img, (ox, oy))
+            draw.text((ox, oy + THUMB + 2), t.line1, fill=_TONES.get(t.tone, (0, 0, 0)), font=font)
+            draw.text((ox, oy + THUMB + 14), t.line2, fill=(60, 60, 60), font=font)
     sheet.save(path)
 
 
@@ -100,7 +139,11 @@ def _html(rows: Sequence[Row], path: str, title: str) -> None:
              ".good{color:#070}.bad{color:#a00}</style>",
              f"<h2>{html.escape(title)}</h2>"]
     for name, tiles in rows:
-        parts.append(f"<h4>{html.escape(name)}</h4><div>")
+        if not tiles:  # a section heading
+            parts.append(f"<h3 style='clear:both'>{html.escape(name)}</h3>")
+            continue
+        parts.append(f"<div style='display:inline-block;vertical-align:top;margin:0 12px 12px 0'>"
+                     f"<h4>{html.escape(name)}</h4><div>")
         for t in tiles:
             buf = io.BytesIO()
             t.image.save(buf, format="JPEG", quality=85)
@@ -108,6 +151,6 @@ def _html(rows: Sequence[Row], path: str, title: str) -> None:
             parts.append(f"<figure><img src='data:image/jpeg;base64,{src}'><figcaption>"
                          f"<span class='{t.tone}'>{html.escape(t.line1)}</span><br>{html.escape(t.line2)}"
                          "</figcaption></figure>")
-        parts.append("</div>")
+        parts.append("</div></div>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ._args import fraction, positive_int
+from ._where import safe_filter
 from .build.tar import format_idx, write_atomic
-from .dataset import Dataset, join, open_dataset, open_file
+from .dataset import Dataset, check_name, join, open_dataset, open_file
+from .lock import dataset_lock
 
 ENTRY_COLUMNS = ["key", "sample", "label", "shard", "data_offset", "bytes", "width", "height"]
 # `sample` is the row of the entry in its split's samples.parquet: a dense id for device-side tables
@@ -48,7 +52,9 @@ class View:
         return [join(self.dataset.root, "views", self.name, f"{s}.idx") for s in self.shards]
 
 
-def _annotation(ds: Dataset, name: str, split: str) -> pl.DataFrame:
+def annotation(ds: Dataset, name: str, split: str) -> pl.DataFrame:
+    """The annotation table NAME (dedup, aum, curriculum) for one split; a missing one is an error
+    that names the command which makes it."""
     path = ds.annotation_path(name)
     try:
         with open_file(path) as f:
@@ -62,7 +68,7 @@ def _annotation(ds: Dataset, name: str, split: str) -> pl.DataFrame:
 
 def _with_annotations(ds: Dataset, split: str, samples: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
     for name in names:
-        table = _annotation(ds, name, split)
+        table = annotation(ds, name, split)
         extra = [c for c in table.columns if c == "key" or c not in samples.columns]
         samples = samples.join(table.select(extra), on="key", how="left")
     return samples
@@ -87,8 +93,8 @@ def balance_per_class(df: pl.DataFrame, n: int, seed: int = 0) -> pl.DataFrame:
 def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
            keys: Sequence[str] | pl.Series | pl.DataFrame | None = None,
            drop_duplicates: bool = False, drop_leaks: bool = False,
-           drop_aum: float | None = None, aum_below: float | None = None,
-           subsets: Sequence[int] | None = None, per_class: int | None = None,
+           drop_aum: float | None = None, aum_below: float | None = None, drop_aum_flagged: bool = False,
+           subsets: Sequence[int | None] | None = None, per_class: int | None = None,
            where: str | pl.Expr | None = None, seed: int = 0) -> pl.DataFrame:
     """The entries a view would hold (repeats allowed), without writing anything."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
@@ -96,7 +102,7 @@ def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
     needed = []
     if drop_duplicates or drop_leaks:
         needed.append("dedup")
-    if drop_aum is not None or aum_below is not None:
+    if drop_aum is not None or aum_below is not None or drop_aum_flagged:
         needed.append("aum")
     if subsets:
         needed.append("curriculum")
@@ -116,16 +122,22 @@ def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
         df = df.filter(~pl.col("leak").fill_null(False))
     if aum_below is not None:
         df = df.filter(pl.col("aum").is_null() | (pl.col("aum") >= aum_below))
+    if drop_aum_flagged:
+        df = df.filter(~pl.col("flagged").fill_null(False))
     if drop_aum is not None:
         if not 0 <= drop_aum < 1:
             raise ValueError(f"drop_aum must be a fraction in [0, 1), got {drop_aum}")
         scored = df.filter(pl.col("aum").is_not_null()).unique("key")
         cut = scored.sort(["aum", "key"]).head(int(round(drop_aum * scored.height)))["key"]
         df = df.filter(~pl.col("key").is_in(cut.implode()))
-    if subsets:
-        df = df.filter(pl.col("subset").is_in(list(subsets)))
+    if subsets:  # samples without a curriculum subset (no features) are kept only when None is listed
+        keep = pl.col("subset").is_in([s for s in subsets if s is not None])
+        df = df.filter(keep | pl.col("subset").is_null() if None in subsets else keep.fill_null(False))
     if where is not None:
-        df = df.filter(pl.sql_expr(where) if isinstance(where, str) else where)
+        try:
+            df = df.filter(safe_filter(where, df.columns) if isinstance(where, str) else where)
+        except pl.exceptions.PolarsError as e:
+            raise ValueError(f"--where {where!r}: {str(e).strip().splitlines()[0]}") from None
     if per_class:
         df = balance_per_class(df, per_class, seed)
     return df
@@ -155,15 +167,18 @@ def write_view(dataset: str | os.PathLike | Dataset, name: str, entries: pl.Data
                split: str = "train", options: dict[str, Any] | None = None) -> View:
     """Write a view from any key list or frame with a `key` column (repeats allowed)."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"bad view name {name!r}")
+    check_name("view", name)
     df = entries if isinstance(entries, pl.DataFrame) and "sample" in entries.columns \
         else select(ds, split, keys=entries)
     ent = _entries(ds, split, df).sort(["shard_id", "data_offset"], maintain_order=True)
+    with dataset_lock(ds.root, f"wvdata view {name}"):
+        return _write_view_locked(ds, name, ent, split, options)
+
+
+def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, options: dict[str, Any] | None) -> View:
     out = os.path.join(ds.root, "views", name)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(out))  # hidden, unique: no view's name
     lines_by_key = {}
     shards_meta = []
     for shard_id, shard in enumerate(s["name"] for s in ds.shards(split)):
@@ -178,7 +193,10 @@ def write_view(dataset: str | os.PathLike | Dataset, name: str, entries: pl.Data
     meta = {"name": name, "split": split, "entries": ent.height, "unique": ent["key"].n_unique(),
             "classes": ent["label"].n_unique(), "options": options or {}, "shards": shards_meta}
     write_atomic(os.path.join(tmp, "view.json"), json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
+    if os.path.isdir(out):  # move the old one aside first: a view is never half replaced
+        old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=os.path.dirname(out))
+        os.replace(out, os.path.join(old, "view"))
+        shutil.rmtree(old)
     os.replace(tmp, out)
     return View(ds, split, name, ent)
 
@@ -195,7 +213,7 @@ def load_view(dataset: str | os.PathLike | Dataset, name: str | None = None, spl
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     if name is None:
         return View(ds, split, None, _entries(ds, split, ds.samples(split).with_row_index("sample")))
-    path = join(ds.root, "views", name, "view.json")
+    path = join(ds.root, "views", check_name("view", name), "view.json")
     try:
         with open_file(path) as f:
             meta = json.loads(f.read())
@@ -203,7 +221,7 @@ def load_view(dataset: str | os.PathLike | Dataset, name: str | None = None, spl
         raise FileNotFoundError(f"view {name!r} not found ({path}); make it with `wvdata view`") from None
     with open_file(join(ds.root, "views", name, "entries.parquet")) as f:
         entries = pl.read_parquet(f)
-    return View(ds, meta["split"], name, entries)
+    return View(ds, check_name("split", meta["split"]), name, entries)
 
 
 def add_cli(sub: Any) -> None:
@@ -215,11 +233,12 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--split", default="train", help="split the view is over (default: train)")
     p.add_argument("--drop-duplicates", action="store_true", help="keep one image per dedup cluster")
     p.add_argument("--drop-leaks", action="store_true", help="drop train images that leak into val/test")
-    p.add_argument("--drop-aum", type=float, default=None, metavar="FRACTION",
+    p.add_argument("--drop-aum", type=fraction, default=None, metavar="FRACTION",
                    help="drop this fraction of samples with the lowest AUM")
     p.add_argument("--aum-below", type=float, default=None, metavar="VALUE", help="drop AUM < VALUE")
-    p.add_argument("--subsets", default=None, help="curriculum subsets to keep, e.g. 1,2")
-    p.add_argument("--per-class", type=int, default=None, metavar="N", help="exactly N entries per class")
+    p.add_argument("--drop-aum-flagged", action="store_true", help="drop the samples `wvdata aum` flagged")
+    p.add_argument("--subsets", default=None, help="curriculum subsets to keep, e.g. 1,2 ('none': samples without one)")
+    p.add_argument("--per-class", type=positive_int, default=None, metavar="N", help="exactly N entries per class")
     p.add_argument("--where", default=None, help="SQL filter over samples + annotations, "
                    "e.g. \"source = 'flickr' AND width >= 300\"")
     p.add_argument("--seed", type=int, default=0, help="seed of the --per-class draw (default: 0)")
@@ -227,9 +246,10 @@ def add_cli(sub: Any) -> None:
 
 
 def _cmd_view(args) -> int:
-    subsets = [int(s) for s in args.subsets.split(",")] if args.subsets else None
+    subsets = [None if s.strip() == "none" else int(s) for s in args.subsets.split(",")] if args.subsets else None
     v = view(args.dataset, args.name, args.split, drop_duplicates=args.drop_duplicates,
              drop_leaks=args.drop_leaks, drop_aum=args.drop_aum, aum_below=args.aum_below,
+             drop_aum_flagged=args.drop_aum_flagged,
              subsets=subsets, per_class=args.per_class, where=args.where, seed=args.seed)
     e = v.entries
     print(f"view {args.name}: {e.height} entries ({e['key'].n_unique()} unique samples, "

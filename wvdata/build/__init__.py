@@ -21,9 +21,10 @@ from typing import Any
 
 import polars as pl
 
-from .._args import add_options, options_from
+from .._args import add_options, options_from, positive_int
 from ..dataset import FORMAT_NAME, FORMAT_VERSION
 from ..engine import ENGINES, check_engine, run_tasks
+from ..lock import LOCK_NAME, dataset_lock
 from .image import load_torch
 from .layouts import SPLITS, scan
 from .options import DEFAULT_SHARD_BYTES, SAMPLE_OVERHEAD, BuildOptions
@@ -37,7 +38,8 @@ SAMPLE_SCHEMA = {
     "key": pl.String, "split": pl.String, "shard": pl.String, "label": pl.Int64,
     "class_name": pl.String, "source": pl.String, "query": pl.String, "src_path": pl.String,
     "width": pl.Int32, "height": pl.Int32, "bytes": pl.Int64, "sha1": pl.String,
-    "offset": pl.Int64, "data_offset": pl.Int64, "reencoded": pl.Boolean, "meta_error": pl.String,
+    "offset": pl.Int64, "data_offset": pl.Int64, "reencoded": pl.Boolean, "trailer_bytes": pl.Int64,
+    "meta_error": pl.String,
     "query_text": pl.String, "meta": pl.String,  # meta: the matched meta record as JSON text
 }
 ERROR_SCHEMA = {"split": pl.String, "src_path": pl.String, "reason": pl.String, "detail": pl.String}
@@ -52,13 +54,16 @@ class BuildSummary:
     shards: int = 0
     shards_skipped: int = 0
     seconds: float = 0.0
+    processed: int = 0  # inputs read in this run (a resume skips the complete shards' ones)
+    finished_before: bool = False  # a --resume found the dataset finished with these options
 
     @property
     def total_errors(self) -> int:
         return sum(self.errors.values())
 
     def images_per_sec(self) -> float:
-        return sum(self.samples.values()) / self.seconds if self.seconds else 0.0
+        """Inputs processed by this run per second of it."""
+        return self.processed / self.seconds if self.seconds else 0.0
 
 
 def _write_parquet(df: pl.DataFrame, path: str) -> None:
@@ -90,12 +95,22 @@ def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions 
     src, out = str(src), str(out)
     opts = BuildOptions.of(options, **option_values)
     check_engine(engine)
-    inputs = scan(src, opts.layout, opts.splits)
-    work = os.path.join(out, WORK_DIR)
+    inputs = scan(src, opts.layout, opts.splits, opts.root)
+    contain = os.path.realpath(opts.root) if opts.root else None if inputs.layout == "manifest" \
+        else os.path.realpath(src)
     fingerprint = _fingerprint(opts, src, inputs)
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)
     if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
         raise ValueError(f"refusing to --overwrite {out}: the source {src} is inside it")
+    with dataset_lock(out, "wvdata build"):
+        return _build_locked(src, out, opts, inputs, contain, fingerprint, workers, engine, resume, overwrite,
+                             progress, t0)
+
+
+def _build_locked(src: str, out: str, opts: BuildOptions, inputs, contain: str | None, fingerprint: str,
+                  workers: int | None, engine: str, resume: bool, overwrite: bool, progress: bool,
+                  t0: float) -> BuildSummary:
+    work = os.path.join(out, WORK_DIR)
     done = _finished(out, work, opts) if resume else None
     if done is not None:
         done.seconds = time.perf_counter() - t0
@@ -108,9 +123,10 @@ def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions 
         rows = [r for r in inputs.rows if r.split == split]
         for i, shard_rows in enumerate(plan_shards(rows, opts)):
             tasks.append(ShardTask(os.path.abspath(out), split, f"shard-{i:06d}", shard_rows,
-                                   inputs.classes, opts.image()))
+                                   inputs.classes, opts.image(), contain))
     todo = [t for t in tasks if not (resume and shard_done(t))]
-    summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo))
+    summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo),
+                           processed=sum(len(t.rows) for t in todo))
     resizing = opts.resize_short or opts.max_side
     for _ in run_tasks(run_shard, todo, weights=[len(t.rows) for t in todo], engine=engine,
                        workers=workers, desc="build", progress=progress, ticks=True,
@@ -136,7 +152,7 @@ def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:
     for split, meta in manifest["splits"].items():
         s.samples[split], s.errors[split] = meta["samples"], meta["errors"]
         s.shards += len(meta["shards"])
-    s.shards_skipped = s.shards
+    s.shards_skipped, s.finished_before = s.shards, True
     return s
 
 
@@ -168,9 +184,11 @@ def _prepare_out(out: str, work: str, fingerprint: str, resume: bool, overwrite:
         for name in os.listdir(work):  # killed before its fingerprint was written or after
             os.remove(os.path.join(work, name))  # it was removed: nothing of a build is in it
         os.rmdir(work)
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and set(os.listdir(out)) - {LOCK_NAME}:
         if overwrite:
-            shutil.rmtree(out)
+            for name in set(os.listdir(out)) - {LOCK_NAME}:  # the lease we hold stays
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         elif resume and os.path.exists(stamp):
             with open(stamp) as f:
                 if f.read() != fingerprint:
@@ -225,9 +243,13 @@ def _finalize(out: str, src: str, opts: BuildOptions, inputs, tasks: list[ShardT
 
 
 def format_summary(s: BuildSummary) -> str:
-    lines = [f"built {s.out}: {sum(s.samples.values())} samples in {s.shards} shards "
-             f"({s.shards_skipped} already complete), {s.total_errors} rejected, "
-             f"{s.seconds:.1f}s, {s.images_per_sec():.0f} img/s"]
+    if s.finished_before:
+        lines = [f"nothing to do: {s.out} is complete ({sum(s.samples.values())} samples in {s.shards} shards, "
+                 f"{s.total_errors} rejected)"]
+    else:
+        lines = [f"built {s.out}: {sum(s.samples.values())} samples in {s.shards} shards "
+                 f"({s.shards_skipped} already complete), {s.total_errors} rejected, "
+                 f"{s.seconds:.1f}s, {s.images_per_sec():.0f} img/s"]
     for split in s.samples:
         lines.append(f"  {split}: {s.samples[split]} samples, {s.errors[split]} rejected")
     for reason, n in sorted(s.errors_by_reason.items(), key=lambda kv: -kv[1]):
@@ -244,7 +266,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("src", help="crawl root (webvision or folder layout) or a manifest file")
     p.add_argument("-o", "--out", required=True, help="dataset directory to write")
     add_options(p, BuildOptions)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--engine", default="local", choices=ENGINES, help="local process pool or Ray tasks")
     p.add_argument("--resume", action="store_true", help="skip shards that are complete")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")

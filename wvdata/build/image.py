@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .._args import positive_int
+from .._args import quality as quality_type
+
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 DEFAULT_MAX_PIXELS = 100_000_000
 _ORIENTATION_TAG = 0x0112
@@ -36,11 +39,12 @@ def option(help: str, type=None, **argparse_kwargs) -> dict:
 class ImageOptions:
     """How each input image is normalised (the build options a worker needs)."""
 
-    resize_short: int | None = field(default=None, metadata=option("shorter side to N (never upscaled)", int))
-    max_side: int | None = field(default=None, metadata=option("longer side at most N", int))
-    quality: int = field(default=90, metadata=option("JPEG quality when re-encoding", int))
+    resize_short: int | None = field(default=None, metadata=option("shorter side to N (never upscaled)",
+                                                                    positive_int, metavar="N"))
+    max_side: int | None = field(default=None, metadata=option("longer side at most N", positive_int, metavar="N"))
+    quality: int = field(default=90, metadata=option("JPEG quality when re-encoding", quality_type))
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS,
-                            metadata=option("reject larger images as decompression bombs", int))
+                            metadata=option("reject larger images as decompression bombs", positive_int))
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,43 @@ class StoredImage:
     width: int
     height: int
     reencoded: bool
+    trailer_bytes: int = 0  # bytes after the JPEG's end-of-image marker, dropped
+
+
+def jpeg_end(data: bytes) -> int:
+    """Offset just past a JPEG's end-of-image marker (its length when none is found).
+
+    Walks the marker segments (lengths skip their payloads, so an FFD9 inside EXIF or a
+    thumbnail does not count) and the entropy-coded data of each scan (where FF00 is a stuffed
+    byte and FFD0-FFD7 are restart markers), so progressive files with many scans work too.
+    """
+    n, i = len(data), 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return n  # not where a marker should be: leave the bytes alone
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            return i + 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + length
+        if marker == 0xDA:  # start of scan: skip the entropy-coded data to the next marker
+            while True:
+                j = data.find(b"\xff", i)
+                if j < 0 or j + 1 >= n:
+                    return n
+                nxt = data[j + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                    i = j + (1 if nxt == 0xFF else 2)
+                    continue
+                i = j
+                break
+    return n
 
 
 def target_size(width: int, height: int, opts: ImageOptions) -> tuple[int, int]:
@@ -164,8 +205,9 @@ def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
     keep = fmt in ("JPEG", "MPO") and img.mode == "RGB" and orientation == 1 and not resize
     try:
         if keep:
-            img.load()  # full decode check; the stored bytes are the original ones
-            return StoredImage(data, w0, h0, reencoded=False)
+            img.load()  # full decode check; the stored bytes are the original ones, less any trailer
+            end = jpeg_end(data)  # (bytes past the image would ride along in the shards, and defeat sha1 dedup)
+            return StoredImage(data[:end], w0, h0, reencoded=False, trailer_bytes=len(data) - end)
         if resize and fmt in ("JPEG", "MPO"):
             img.draft("RGB", (tw, th))  # DCT scaling: decode at >= the target size
         img.load()

@@ -17,6 +17,7 @@ SPLITS = ("train", "val", "test")
 LAYOUTS = ("webvision", "folder", "manifest")
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_LAST_FIELD = re.compile(r"^(.*?\S)\s+(\S+)$")  # (everything before the last field, the last field)
 
 
 @dataclass
@@ -88,10 +89,17 @@ def _resolve_inside(root: Path, rel: str) -> str | None:
 
 
 def _parse_label(text: str, num_classes: int | None) -> tuple[int | None, str]:
+    """An integer label from text; integer-valued decimals ("3.0") count, as in every format."""
     try:
         label = int(text)
     except ValueError:
-        return None, f"label {text!r} is not an integer"
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value.is_integer():
+            return None, f"label {text!r} is not an integer"
+        label = int(value)
     if label < 0 or (num_classes is not None and label >= num_classes):
         return None, f"label {label} out of range [0, {num_classes})"
     return label, ""
@@ -193,7 +201,7 @@ def _scan_webvision(src: Path, splits: tuple[str, ...]) -> Inputs:
             mfile = info / f"train_meta_list_{tag}.txt"
             metas = _read_lines(mfile) if mfile.is_file() else []
             lines = _read_lines(flist)
-            first = next((ln.split()[0] for ln in lines if ln.split()), None)
+            first = next((m[1] for ln in lines if (m := _LAST_FIELD.match(ln.strip()))), None)
             root = _pick_root(src, ["", "train_images_256", "train_images"], first)
             for i, line in enumerate(lines):
                 _webvision_line(inputs, "train", line, f"{flist.name}:{i + 1}", root, src,
@@ -203,7 +211,9 @@ def _scan_webvision(src: Path, splits: tuple[str, ...]) -> Inputs:
         if split not in splits or not flist.is_file():
             continue
         lines = _read_lines(flist)
-        first = next((ln.split()[0] for ln in lines if ln.split()), None)
+        first = next((ln.strip() for ln in lines if ln.strip()), None)
+        if first and split != "test":
+            first = m[1] if (m := _LAST_FIELD.match(first)) else first
         root = _pick_root(src, [f"{split}_images_256", f"{split}_images", ""], first)
         for i, line in enumerate(lines):
             _webvision_line(inputs, split, line, f"{flist.name}:{i + 1}", root, src, None, meta, queries)
@@ -212,19 +222,26 @@ def _scan_webvision(src: Path, splits: tuple[str, ...]) -> Inputs:
 
 def _webvision_line(inputs: Inputs, split: str, line: str, where: str, root: Path, src: Path,
                     meta_line: str | None, meta: _MetaCache, queries: dict) -> None:
-    if not line.strip():
+    """One filelist line: `path label` (the label is the last field, the path may hold spaces)
+    in train and val; in the test filelist, which has no labels, the whole line is the path."""
+    text = line.strip()
+    if not text:
         return
-    fields = line.split()
-    want = 1 if split == "test" else 2
-    if len(fields) not in (want, 2) or (split != "test" and len(fields) != 2):
-        inputs.errors.append(ErrorRow(split, line.strip(), "malformed filelist line",
-                                      f"{where}: expected 'path label', got {line.strip()!r}"))
-        return
-    rel = fields[0]
-    if split == "test" and len(fields) == 1:
+    m = _LAST_FIELD.match(text)
+    if split == "test":
+        rel, label_text = text, None
+        if m and _parse_label(m[2], None)[0] is not None and not os.path.splitext(m[2])[1]:
+            rel, label_text = m[1], m[2]  # a test list that carries labels anyway
+    else:
+        rel, label_text = (m[1], m[2]) if m else ("", "")
+        if not rel:
+            inputs.errors.append(ErrorRow(split, text, "malformed filelist line",
+                                          f"{where}: expected 'path label', got {text!r}"))
+            return
+    if label_text is None:
         label, why = -1, ""
     else:
-        label, why = _parse_label(fields[1], len(inputs.classes))
+        label, why = _parse_label(label_text, len(inputs.classes))
     if label is None:
         reason = "label out of range" if "out of range" in why else "bad label"
         inputs.errors.append(ErrorRow(split, rel, reason, f"{where}: {why}"))
@@ -238,70 +255,136 @@ def _webvision_line(inputs: Inputs, split: str, line: str, where: str, root: Pat
     query = parts[1] if split == "train" and len(parts) >= 3 else ""
     qnum = int(query[1:]) if query[1:].isdigit() else -1
     row = InputRow(split, rel, full, label, source, query, queries.get((source, qnum), ""))
-    if meta_line is not None:
-        mf = meta_line.split()
-        if len(mf) != 2 or not mf[1].isdigit():
+    if meta_line is not None:  # `path index`: the index is the last field, the path may hold spaces
+        mf = _LAST_FIELD.match(meta_line.strip())
+        if not mf or not mf[2].isdigit():
             row.meta_error = f"malformed meta line {meta_line.strip()!r}"
         else:
-            row.meta, row.meta_error = meta.record(mf[0], int(mf[1]))
+            row.meta, row.meta_error = meta.record(mf[1], int(mf[2]))
     inputs.rows.append(row)
 
 
 # ---------------------------------------------------------------- folder
 
 
+def _inside(real_root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
 def _scan_folder(src: Path, splits: tuple[str, ...]) -> Inputs:
+    """`SRC/<class>/...` or `SRC/<split>/<class>/...`. A class or sub-directory that is a link
+    leading outside SRC is one `path escapes source` row (nothing outside SRC is listed); a
+    link to a directory inside SRC is not followed (its target is scanned where it lies)."""
+    real_src = os.path.realpath(src)
     top = sorted(os.listdir(src))
     top_dirs = [d for d in top if (src / d).is_dir()]
     by_split = bool(top_dirs) and all(d.lower() in _SPLIT_DIRS for d in top_dirs)
     split_roots = ([(_SPLIT_DIRS[d.lower()], src / d) for d in top_dirs] if by_split
                    else [("train", src)])
-    class_names = sorted({printable(c) for _, root in split_roots for c in os.listdir(root)
-                          if (root / c).is_dir()})
-    index = {c: i for i, c in enumerate(class_names)}
-    inputs = Inputs("folder", class_names, [], [])
+    inputs = Inputs("folder", [], [], [])
+
+    def escapes(split: str, path: str) -> bool:
+        if _inside(real_src, path):
+            return False
+        rel = printable(os.path.relpath(path, src))
+        if split in splits:
+            inputs.errors.append(ErrorRow(split, rel, "path escapes source", f"{rel} -> {os.path.realpath(path)}"))
+        return True
+
+    class_dirs: list[tuple[str, Path, str]] = []  # (split, root, class dir name), every split: one class list
+    for split, root in split_roots:
+        if escapes(split, str(root)):
+            continue
+        for name in sorted(os.listdir(root)):
+            if not (root / name).is_dir():
+                if split in splits:
+                    rel = printable(str((root / name).relative_to(src)))
+                    inputs.errors.append(ErrorRow(split, rel, "not in a class folder", rel))
+            elif not escapes(split, str(root / name)):
+                class_dirs.append((split, root, name))
     if by_split:  # loose files next to the split folders belong to no split or class
         for name in top:
             if not (src / name).is_dir() and "train" in splits:
                 inputs.errors.append(ErrorRow("train", printable(name), "not in a class folder",
                                               f"{printable(name)} is outside the split folders"))
-    for split, root in split_roots:
+    inputs.classes = sorted({printable(name) for _, _, name in class_dirs})
+    index = {c: i for i, c in enumerate(inputs.classes)}
+    for split, root, name in class_dirs:
         if split not in splits:
             continue
-        for name in sorted(os.listdir(root)):
-            if not (root / name).is_dir():
-                rel = printable(str((root / name).relative_to(src)))
-                inputs.errors.append(ErrorRow(split, rel, "not in a class folder", rel))
-                continue
-            for dirpath, dirnames, filenames in os.walk(root / name):
-                dirnames.sort()
-                for fname in sorted(filenames):
-                    full = os.path.join(dirpath, fname)
-                    rel = printable(os.path.relpath(full, src))
-                    inputs.rows.append(InputRow(split, rel, full, index[printable(name)], "folder"))
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for d in dirnames:  # os.walk does not follow these: account for them
+                if os.path.islink(os.path.join(dirpath, d)) and not escapes(split, os.path.join(dirpath, d)):
+                    rel = printable(os.path.relpath(os.path.join(dirpath, d), src))
+                    inputs.errors.append(ErrorRow(split, rel, "not a file", f"{rel}: a link to a directory "
+                                                  "inside the source, not followed"))
+            for fname in sorted(filenames):
+                full = os.path.join(dirpath, fname)
+                rel = printable(os.path.relpath(full, src))
+                inputs.rows.append(InputRow(split, rel, full, index[printable(name)], "folder"))
     return inputs
 
 
 # ---------------------------------------------------------------- manifest
 
 
-def _scan_manifest(path: Path, splits: tuple[str, ...]) -> Inputs:
+def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """(records, [(line number, why)] of unparseable JSONL lines); an empty or unparseable
+    file is a one-line ValueError."""
     import polars as pl
 
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        df = pl.read_csv(path, infer_schema=False)
-    elif suffix in (".jsonl", ".ndjson"):
-        df = pl.read_ndjson(path, infer_schema_length=None)
-    elif suffix == ".parquet":
-        df = pl.read_parquet(path)
-    else:
+    if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
         raise ValueError(f"manifest {path} must be .csv, .jsonl or .parquet")
-    missing = {"path", "label"} - set(df.columns)
-    if missing:
+    if path.stat().st_size == 0:
+        raise ValueError(f"manifest {path} is empty")
+    bad: list[tuple[int, str]] = []
+    try:
+        if suffix == ".csv":
+            df = pl.read_csv(path, infer_schema=False)
+        elif suffix == ".parquet":
+            df = pl.read_parquet(path)
+        else:  # line by line: one broken line is one error row, not a failed build
+            records = []
+            text = path.read_bytes().decode("utf-8", "replace")
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    bad.append((i + 1, f"not JSON: {e}"))
+                    continue
+                if isinstance(rec, dict):
+                    records.append(rec)
+                else:
+                    bad.append((i + 1, f"a JSON {type(rec).__name__}, not an object"))
+    except (pl.exceptions.PolarsError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"manifest {path} is not a readable {suffix[1:]} file: {first}") from None
+    if suffix in (".csv", ".parquet"):
+        records = df.to_dicts()
+    if not records and not bad:
+        raise ValueError(f"manifest {path} has no rows")
+    columns = set().union(*(r.keys() for r in records)) if records else set()
+    missing = {"path", "label"} - columns
+    if missing and records:
         raise ValueError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs path and label")
+    return records, bad
+
+
+def _scan_manifest(path: Path, splits: tuple[str, ...], root_dir: str | None = None) -> Inputs:
+    """CSV / JSONL / Parquet with `path`, `label`, optional `split`, `class_name`; relative paths
+    are relative to the manifest and may not leave its folder; absolute paths are allowed (a
+    manifest is the user's own document) unless `root_dir` is given: then every path must
+    resolve inside it."""
+    records, bad = _read_manifest(path)
     root = path.parent.resolve()
-    records = df.to_dicts()
+    real_root = os.path.realpath(root_dir) if root_dir else None
+    if root_dir and not os.path.isdir(root_dir):
+        raise FileNotFoundError(f"--root {root_dir} is not a directory")
     for rec in records:  # a float label column (pandas writes one when a label is missing)
         lab = rec.get("label")
         if isinstance(lab, float):
@@ -314,7 +397,8 @@ def _scan_manifest(path: Path, splits: tuple[str, ...]) -> Inputs:
     labels = [lab for rec in records if (lab := _parse_label(str(rec.get("label")), None)[0]) is not None]
     num_classes = max(labels) + 1 if labels else 0
     classes = [names.get(i, str(i)) for i in range(num_classes)]
-    inputs = Inputs("manifest", classes, [], [])
+    inputs = Inputs("manifest", classes, [], [ErrorRow("train", f"{path.name}:{line}", "malformed manifest row",
+                                                        f"{path.name} line {line}: {why}") for line, why in bad])
     for i, rec in enumerate(records):
         split = _SPLIT_DIRS.get(str(rec.get("split") or "train").lower())
         rel = str(rec.get("path") or "")
@@ -334,9 +418,14 @@ def _scan_manifest(path: Path, splits: tuple[str, ...]) -> Inputs:
             reason = "label out of range" if "out of range" in why else "bad label"
             inputs.errors.append(ErrorRow(split, rel, reason, f"{where}: {why}"))
             continue
+        if "\0" in rel:
+            inputs.errors.append(ErrorRow(split, rel.replace("\0", "\\0"), "malformed manifest row",
+                                          f"{where}: the path holds a NUL byte"))
+            continue
         full = rel if os.path.isabs(rel) else _resolve_inside(root, rel)
-        if full is None:
-            inputs.errors.append(ErrorRow(split, rel, "path escapes source", f"{where}: {rel}"))
+        if full is None or (real_root and not _inside(real_root, full)):
+            inputs.errors.append(ErrorRow(split, rel, "path escapes source",
+                                          f"{where}: {rel}" + (f" is not inside --root {root_dir}" if full else "")))
             continue
         extra = {k: v for k, v in rec.items() if k not in ("path", "label", "split")}
         inputs.rows.append(InputRow(split, rel, os.path.normpath(full), label,
@@ -344,11 +433,18 @@ def _scan_manifest(path: Path, splits: tuple[str, ...]) -> Inputs:
     return inputs
 
 
-def scan(src: str | os.PathLike, layout: str = "auto", splits: tuple[str, ...] = SPLITS) -> Inputs:
-    """Enumerate the inputs of a raw crawl in a fixed, deterministic order."""
+def scan(src: str | os.PathLike, layout: str = "auto", splits: tuple[str, ...] = SPLITS,
+         root: str | None = None) -> Inputs:
+    """Enumerate the inputs of a raw crawl in a fixed, deterministic order.
+
+    root: manifest layout only, every listed path must resolve inside this directory.
+    """
     layout = detect_layout(src) if layout == "auto" else layout
     p = Path(src).resolve()
-    scanners = {"webvision": _scan_webvision, "folder": _scan_folder, "manifest": _scan_manifest}
-    if layout not in scanners:
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
-    return _finish(scanners[layout](p, tuple(splits)))
+    if root and layout != "manifest":
+        raise ValueError("--root applies to the manifest layout (a folder or webvision crawl is its own root)")
+    if layout == "manifest":
+        return _finish(_scan_manifest(p, tuple(splits), root))
+    return _finish((_scan_webvision if layout == "webvision" else _scan_folder)(p, tuple(splits)))

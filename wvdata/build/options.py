@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .._args import parse_list, parse_size
+from .._args import non_negative_int, parse_list, parse_size, positive_int
 from .image import ImageOptions, option
 from .layouts import LAYOUTS, SPLITS
 
@@ -22,8 +22,12 @@ class BuildOptions(ImageOptions):
                                                                       parse_list))
     shard_size: int = field(default=DEFAULT_SHARD_BYTES, metadata=option(
         "target shard size in bytes (e.g. 256MB), planned from input sizes", parse_size))
-    shard_samples: int | None = field(default=None, metadata=option("samples per shard instead", int))
-    seed: int = field(default=0, metadata=option("seed of the shuffled shard assignment", int))
+    shard_samples: int | None = field(default=None, metadata=option("samples per shard instead", positive_int,
+                                                                      metavar="N"))
+    seed: int = field(default=0, metadata=option("seed of the shuffled shard assignment", non_negative_int))
+    root: str | None = field(default=None, metadata=option(
+        "manifest layout: every listed path must resolve inside this directory (absolute paths are "
+        "otherwise allowed)", metavar="DIR"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "splits", tuple(self.splits))

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,52 @@ class ShardTask:
     rows: list[InputRow]
     classes: list[str]
     image: ImageOptions
+    contain: str | None = None  # real path every input must resolve inside (None: manifest without --root)
+
+
+def max_input_bytes(max_pixels: int) -> int:
+    """Largest input file read: 8 bytes per allowed pixel (16-bit RGBA, uncompressed) + 16 MiB
+    of headers and metadata. Anything larger cannot be an image within --max-pixels."""
+    return 8 * max_pixels + (16 << 20)
+
+
+def read_input(path: str, contain: str | None, limit: int) -> bytes:
+    """The bytes of one input file, refusing what a hostile crawl can plant: a path (or link)
+    leading outside `contain`, anything but a regular file (FIFOs would block, devices never
+    end), or more than `limit` bytes. The final open does not follow links, so a file swapped
+    for a link after the check is refused too."""
+    try:
+        real = os.path.realpath(path)
+        if contain is not None and real != contain and not real.startswith(contain.rstrip(os.sep) + os.sep):
+            raise ImageRejected("path escapes source", f"resolves to {real}")
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageRejected("missing file", path) from None
+    except (OSError, ValueError) as e:
+        raise ImageRejected("unreadable file", f"{type(e).__name__}: {e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else \
+                "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file"
+            raise ImageRejected("not a file", f"a {kind}")
+        if st.st_size > limit:
+            raise ImageRejected("file too large", f"{st.st_size} bytes > {limit} (from --max-pixels)")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:  # grew while being read
+            raise ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
+        return data
+    except OSError as e:
+        raise ImageRejected("unreadable file", f"{type(e).__name__}: {e}") from None
+    finally:
+        os.close(fd)
 
 
 def _sample_json(row: InputRow, task: ShardTask) -> bytes:
@@ -62,18 +109,10 @@ def run_shard(task: ShardTask) -> tuple[int, int]:
     buf = io.BytesIO()
     writer = ShardWriter(buf)
     samples, errors, lines = [], [], []
+    limit = max_input_bytes(task.image.max_pixels)
     for i, row in enumerate(task.rows):
         try:
-            try:
-                with open(row.path, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                raise ImageRejected("missing file", row.src_path) from None
-            except IsADirectoryError:
-                raise ImageRejected("not a file", row.src_path) from None
-            except OSError as e:
-                raise ImageRejected("unreadable file", f"{type(e).__name__}: {e}") from None
-            img = process_image(raw, task.image)
+            img = process_image(read_input(row.path, task.contain, limit), task.image)
         except ImageRejected as e:
             errors.append({"split": task.split, "src_path": row.src_path, "reason": e.reason,
                            "detail": e.detail})
@@ -89,7 +128,7 @@ def run_shard(task: ShardTask) -> tuple[int, int]:
                 "source": row.source, "query": row.query, "src_path": row.src_path,
                 "width": img.width, "height": img.height, "bytes": jpg.size,
                 "sha1": hashlib.sha1(img.data).hexdigest(), "offset": jpg.header_offset,
-                "data_offset": jpg.offset, "reencoded": img.reencoded,
+                "data_offset": jpg.offset, "reencoded": img.reencoded, "trailer_bytes": img.trailer_bytes,
                 "meta_error": row.meta_error or None, "query_text": row.query_text,
                 "meta": json.dumps(row.meta, sort_keys=True, ensure_ascii=False, default=str)
                 if row.meta else None,
@@ -119,7 +158,7 @@ def plan_shards(rows: Sequence[InputRow], opts: BuildOptions) -> list[list[Input
     for row in order:
         try:
             est = os.stat(row.path).st_size
-        except OSError:
+        except (OSError, ValueError):
             est = 0
         full = (opts.shard_samples and len(current) >= opts.shard_samples) or \
             (not opts.shard_samples and current and size + est > opts.shard_size)

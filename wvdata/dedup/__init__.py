@@ -44,9 +44,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .._args import parse_list
+from .._args import non_negative_int, parse_list, positive_int
 from ..dataset import Dataset, is_url, open_dataset, open_file
 from ..engine import ENGINES, run_tasks
+from ..lock import dataset_lock
 from .cluster import (
     CHROMA_TOL,
     FLAT_STD,
@@ -294,7 +295,8 @@ def dedup(dataset: str | os.PathLike | Dataset, splits: Sequence[str] = ("train"
 def save(dataset: str | os.PathLike | Dataset, res: DedupResult, report: str | None = None) -> str:
     """Write the table to annotations/dedup.parquet (and render `report`); return its path."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    path = write_table(ds, res.table)
+    with dataset_lock(ds.root, "wvdata dedup"):
+        path = write_table(ds, res.table)
     if report:
         from .report import render_report
 
@@ -343,7 +345,7 @@ def add_cli(subparsers: Any) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="dataset directory (or fsspec URL)")
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits to cover")
-    p.add_argument("--radius", type=int, default=None,
+    p.add_argument("--radius", type=non_negative_int, default=None,
                    help="Hamming search radius (default 10 for 64 bits, 20 for 256)")
     p.add_argument("--hash", choices=HASHES, default="phash", help="perceptual hash (default: phash)")
     p.add_argument("--bits", type=int, choices=(64, 256), default=None,
@@ -358,7 +360,7 @@ def add_cli(subparsers: Any) -> None:
                    help="near-duplicate search: FAISS flat / IndexBinaryMultiHash, or compiled "
                         "multi-index hashing (auto: flat for small sets, mih for large ones)")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process pool or Ray tasks")
-    p.add_argument("--workers", type=int, default=None, help="local processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="local processes (default: all cores)")
     p.add_argument("--report", default=None, help="render clusters and leaks to a .png or .html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)

@@ -14,35 +14,53 @@ MAX_LEAKS = 200
 
 
 def _rows(ds, res) -> list[Row]:
-    """Rows for the largest clusters, then for the leak pairs."""
+    """The largest clusters first (with each member's distance), then the leak pairs, once each."""
     table = res.table
     samples = pl.concat([ds.samples(s) for s in table["split"].unique(maintain_order=True)])
     info = samples.join(table, on=["key", "split"], how="inner")
     loc = {k: (s, sh, o, b) for k, s, sh, o, b in
            info.select("key", "split", "shard", "data_offset", "bytes").iter_rows()}
     rows: list[Row] = []
-    clusters = (info.filter(pl.col("cluster") >= 0).group_by("cluster").len()
-                .sort(["len", "cluster"], descending=[True, False]).head(MAX_CLUSTERS))
-    for cid, size in clusters.iter_rows():
+    sizes = (info.filter(pl.col("cluster") >= 0).group_by("cluster").len()
+             .sort(["len", "cluster"], descending=[True, False]))
+    rows.append((f"CLUSTERS: showing the {min(MAX_CLUSTERS, sizes.height)} largest of {sizes.height} "
+                 f"(up to {MAX_PER_ROW} members each); KEEP = the one kept, drop = removed as a duplicate, "
+                 "LEAK = a train copy of a val/test image; d = hash bits to the nearest member", []))
+    for cid, size in sizes.head(MAX_CLUSTERS).iter_rows():
         members = info.filter(pl.col("cluster") == cid).sort(["keep", "key"], descending=[True, False])
         tiles: list[Tile] = []
-        for key, split, keep, leak, w, h in members.select(
-                "key", "split", "keep", "leak", "width", "height").head(MAX_PER_ROW).iter_rows():
+        for key, split, keep, leak, w, h, d in members.select(
+                "key", "split", "keep", "leak", "width", "height", "nearest_distance").head(MAX_PER_ROW).iter_rows():
             flag, tone = ("KEEP", "good") if keep else ("LEAK", "bad") if leak else ("drop", "normal")
-            tiles.append(dataset_tile(ds, *loc[key], f"{flag} {split} {w}x{h}", short_key(key), tone))
-        rows.append((f"cluster {cid}: {size} images", tiles))
-    leaks = res.pairs.filter(((pl.col("split_a") == "train") & pl.col("split_b").is_in(["val", "test"]))
+            dist = f" d={d}" if d is not None else ""
+            tiles.append(dataset_tile(ds, *loc[key], f"{flag} {split} {w}x{h}{dist}", short_key(key), tone))
+        shown = f", showing {MAX_PER_ROW}" if size > MAX_PER_ROW else ""
+        rows.append((f"cluster {cid}: {size} images{shown}", tiles))
+    pairs = res.pairs.filter(((pl.col("split_a") == "train") & pl.col("split_b").is_in(["val", "test"]))
                              | ((pl.col("split_b") == "train") & pl.col("split_a").is_in(["val", "test"])))
-    for ka, kb, sa, sb, d, why in leaks.head(MAX_LEAKS).iter_rows():
-        rows.append((f"leak {sa}/{sb}: distance {d} ({why})",
-                     [dataset_tile(ds, *loc[ka], sa, short_key(ka)), dataset_tile(ds, *loc[kb], sb, short_key(kb))]))
+    pairs = pairs.with_columns(lo=pl.min_horizontal("key_a", "key_b"), hi=pl.max_horizontal("key_a", "key_b"))
+    pairs = pairs.unique(["lo", "hi"], keep="first", maintain_order=True)
+    rows.append((f"LEAKS: {pairs.height} train/val-test pairs, showing {min(MAX_LEAKS, pairs.height)} "
+                 "(train copy, then the held-out image)", []))
+    per_row = max(1, MAX_PER_ROW // 2)
+    chunk: list[Tile] = []
+    for ka, kb, sa, sb, d, why in pairs.head(MAX_LEAKS).select(
+            "key_a", "key_b", "split_a", "split_b", "distance", "reason").iter_rows():
+        if sa != "train":
+            ka, kb, sa, sb = kb, ka, sb, sa
+        chunk += [dataset_tile(ds, *loc[ka], f"LEAK {sa} d={d} {why}", short_key(ka), "bad"),
+                  dataset_tile(ds, *loc[kb], sb, short_key(kb))]
+        if len(chunk) == 2 * per_row:
+            rows.append(("", chunk))
+            chunk = []
+    if chunk:
+        rows.append(("", chunk))
     return rows
 
 
 def render_report(ds, res, path: str | os.PathLike) -> str:
-    """Write the largest clusters and every leak pair (up to 200) to a .png or .html file."""
+    """Write the largest clusters and the leak pairs (up to 200) to a .png or .html file."""
     s = res.stats
     title = (f"wvdata dedup {ds.root}: {s['hash']} {s['bits']} bits, radius {s['radius']}, "
              f"verify <= {s['verify_radius']} of 256 bits")
-    rows = _rows(ds, res) or [("no duplicates and no leaks found", [])]
-    return render(rows, path, title)
+    return render(_rows(ds, res), path, title)

@@ -6,9 +6,11 @@ workers share it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,8 +18,17 @@ import numpy as np
 import torch
 
 from ..dataset import is_url
-from ..views import View
-from .order import epoch_order, num_batches, rank_plan
+from ..views import View, annotation
+from .order import (
+    epoch_order,
+    num_batches,
+    parse_quota,
+    quota_batches,
+    quota_order,
+    quota_rank_plan,
+    rank_plan,
+    share_quota,
+)
 from .transforms import TransformConfig
 
 log = logging.getLogger("wvdata.stream")
@@ -45,14 +56,26 @@ class EntryArrays:
     label: np.ndarray
     sample: np.ndarray
     keys: list[str]
+    sha1: np.ndarray | None = None  # (n, 20) uint8 digests of the stored bytes, with verify=True
 
     @classmethod
-    def of(cls, v: View) -> EntryArrays:
+    def of(cls, v: View, verify: bool = False) -> EntryArrays:
         e = v.entries
+        sample = e["sample"].to_numpy().astype(np.int64)
+        sha1 = None
+        if verify:  # the digests recorded at build time, gathered by sample id
+            hexes = v.dataset.samples(v.split)["sha1"].to_numpy()[sample]
+            sha1 = np.frombuffer(bytes.fromhex("".join(hexes)), np.uint8).reshape(len(sample), 20)
         return cls([v.dataset.shard_path(v.split, s) for s in v.shards], e["shard_id"].to_numpy(),
                    e["data_offset"].to_numpy(), e["bytes"].to_numpy(), e["width"].to_numpy(),
                    e["height"].to_numpy(), e["label"].to_numpy().astype(np.int64),
-                   e["sample"].to_numpy().astype(np.int64), e["key"].to_list())
+                   sample, e["key"].to_list(), sha1)
+
+    def check(self, p: int, data: bytes) -> bytes:
+        """`data` of entry p, after comparing its sha1 with the recorded one (when verifying)."""
+        if self.sha1 is not None and hashlib.sha1(data).digest() != self.sha1[p].tobytes():
+            raise ValueError(f"sha1 mismatch: the stored bytes of {self.keys[p]} changed since the build")
+        return data
 
 
 class ShardFiles:
@@ -113,7 +136,7 @@ class LoaderBase:
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
                  rank: int, world_size: int, drop_last: bool, shuffle: bool, window: int,
-                 with_index: bool = False):
+                 with_index: bool = False, verify: bool = False, quota: str | Sequence[int] | None = None):
         if len(v) == 0:
             raise ValueError(f"view {v.name or v.split!r} has no entries")
         self.view, self.batch_size, self.train, self.cfg = v, batch_size, train, cfg
@@ -121,7 +144,11 @@ class LoaderBase:
         self.drop_last, self.shuffle, self.window, self.with_index = drop_last, shuffle, window, with_index
         self.epoch, self._batch, self._resuming = 0, 0, False
         self.stats = LoaderStats()
-        self.entries = EntryArrays.of(v)
+        self.verify = verify
+        self.entries = EntryArrays.of(v, verify)
+        self.quota: tuple[tuple[int, ...], np.ndarray] | None = None  # curriculum quota batches: (quota, groups)
+        if quota is not None:
+            self.quota = quota_groups(v, quota, batch_size * world_size)
 
     @property
     def image_size(self) -> int:
@@ -133,6 +160,8 @@ class LoaderBase:
         self.cfg = replace(self.cfg, image_size=int(size))
 
     def __len__(self) -> int:
+        if self.quota is not None:
+            return quota_batches(int((self.quota[1] == 0).sum()), self.quota[0][0], self.drop_last)
         return num_batches(len(self.view), self.world_size, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
@@ -142,6 +171,9 @@ class LoaderBase:
 
     def positions(self, epoch: int) -> np.ndarray:
         """This rank's entry positions for `epoch` (the torch backend yields them in this order)."""
+        if self.quota is not None:  # batch b of every rank holds its share of global quota batch b
+            order = quota_order(self.quota[1], self.entries.label, self.quota[0], self.seed, epoch, self.drop_last)
+            return quota_rank_plan(order, self.rank, self.world_size, self.batch_size).positions
         order = epoch_order(self.entries.shard_id, self.seed, epoch, self.shuffle, self.window)
         return rank_plan(order, self.rank, self.world_size, self.batch_size, self.drop_last).positions
 
@@ -177,3 +209,18 @@ class LoaderBase:
             self.stats.skipped += 1
 
 
+def quota_groups(v: View, quota: str | Sequence[int], global_batch: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """A view's curriculum quota batches, checked: (the quota for the subsets the view holds, each
+    entry's group = subset - 1). The loader's order plan (`stream.order.quota_order`) uses them."""
+    q = parse_quota(quota)
+    if sum(q) != global_batch:
+        raise ValueError(f"the batch quota {','.join(map(str, q))} sums to {sum(q)}, but the global batch is "
+                         f"{global_batch} (batch size x ranks)")
+    table = annotation(v.dataset, "curriculum", v.split).select("key", "subset")
+    subset = v.entries.select("key").join(table, on="key", how="left", maintain_order="left")["subset"]
+    if subset.null_count():
+        example = v.entries["key"].filter(subset.is_null())[0]
+        raise ValueError(f"{subset.null_count()} entries of the view have no curriculum subset (no features), "
+                         f"e.g. {example!r}: quota batches need every entry in a subset; select subsets first")
+    groups = subset.to_numpy().astype(np.int64) - 1
+    return share_quota(q, np.bincount(groups, minlength=1).tolist()), groups

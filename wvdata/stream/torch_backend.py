@@ -40,7 +40,7 @@ class _Batches(torch.utils.data.Dataset):
         for j, p in enumerate(self.positions[i * self.bs:(i + 1) * self.bs]):
             sample_seed = hash((self.seed, self.epoch, self.rank, i, j)) & 0x7FFFFFFF
             try:
-                data = self.files.read(src.shard_id[p], src.offset[p], src.size[p])
+                data = src.check(p, self.files.read(src.shard_id[p], src.offset[p], src.size[p]))
                 if cfg.train:
                     # RandAugment draws from torch's CPU generator; torch.manual_seed would also
                     # (lazily) seed every accelerator backend, a 0.26 ms/img overhead in workers
