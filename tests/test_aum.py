@@ -174,6 +174,19 @@ def test_threshold_parts_are_disjoint_halves():
     assert np.array_equal(threshold_samples(n, c, seed=3), threshold_samples(n, c, seed=3, part=None))
 
 
+def test_trainer_threshold_part_flag(noisy_digits, tmp_path):
+    """`--aum-threshold-part 1` reaches the trainer: its threshold.parquet lists half 1's draw (one quick epoch)."""
+    out = tmp_path / "part1"
+    run_trainer(["--data", str(noisy_digits[0]), "--out", str(out), "--model", "test_resnet", "--epochs", "1",
+                 "--batch-size", "64", "--image-size", "32", "--randaug", "0,0", "--workers", "2", "--no-progress",
+                 "--aum-threshold-samples", "--aum-threshold-part", "1", "--seed", "3"])
+    samples = pl.read_parquet(noisy_digits[0] / "train" / "samples.parquet")
+    want = samples["key"].gather(threshold_samples(samples.height, 10, seed=3, part=1))
+    assert pl.read_parquet(out / "margins" / "threshold.parquet")["key"].to_list() == want.to_list()
+    assert json.loads((out / "config.json").read_text())["args"]["aum_threshold_part"] == 1
+    assert "part 1" in format_summary(compute_aum(noisy_digits[0], [out], skip_epochs=0))
+
+
 def test_a_run_on_a_view_leaves_the_rest_unscored(tmp_path):
     root, keys = _dataset(tmp_path / "ds", n=10, classes=2)
     labels = [i % 2 for i in range(10)]
@@ -182,6 +195,17 @@ def test_a_run_on_a_view_leaves_the_rest_unscored(tmp_path):
     t = compute_aum(root, [run], drop_fraction=0.5).table
     assert t["n_epochs"].to_list() == [1] * 6 + [0] * 4 and t["aum"].null_count() == 4
     assert t["flagged"].to_list() == [True, True, True] + [False] * 7  # half of the 6 scored
+
+
+def test_ties_are_broken_by_key_like_the_view(tmp_path):
+    root, keys = _dataset(tmp_path / "ds", n=10, classes=2)
+    labels = [i % 2 for i in range(10)]
+    run = _run(tmp_path / "r", keys[::-1], labels[::-1], [[0] * 10, [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
+    t = aum(root, [run], drop_fraction=0.3)  # AUM 0 for s000-s004 (tied), 1 for the rest
+    assert t.filter("flagged")["key"].to_list() == keys[:3]
+    assert set(select(root, drop_aum=0.3)["key"]) == set(keys[3:])
+    pc = compute_aum(root, [run], drop_fraction=0.4, per_class=True).table  # 2 of 5 per class
+    assert pc.filter("flagged")["key"].to_list() == [keys[0], keys[1], keys[2], keys[3]]
 
 
 def test_key_mapping_survives_hash_collisions(tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def test_unknown_build_option_names_the_known_ones(tmp_path):
         build(tmp_path, tmp_path / "out", splits=("train", "vall"))
 
 
-@pytest.mark.parametrize("module", ["build", "info", "views", "dedup", "verify"])
+@pytest.mark.parametrize("module", ["build", "info", "views", "dedup", "verify", "embed", "curriculum", "aum"])
 def test_every_stage_registers_its_own_subcommand(module):
     import argparse
     import importlib

@@ -190,31 +190,9 @@ def _run_aum(run: str, index: _Keys, labels: np.ndarray, skip_epochs: int) -> _R
         expected[ids] = thr["fake_label"].to_numpy()
     total = np.zeros(n, np.float64)
     epochs = np.zeros(n, np.int32)
-    prev_keys, prev_ids = None, None
+    prev: tuple[pl.Series, np.ndarray] | None = None  # the last epoch's keys and ids, when not the split's own
     for epoch, path in files:
-        m = _read(path, ["key", "label", "margin", "count"])
-        where = f"run {run} epoch {epoch}"
-        keys = m["key"]
-        same = prev_keys is not None and keys.len() == prev_keys.len() and keys.equals(prev_keys, check_names=False)
-        ids = prev_ids if same else index.ids(keys, where)
-        prev_keys, prev_ids = (None, None) if ids is None else (keys, ids)  # None: the split's own keys
-        margin = m["margin"].to_numpy().astype(np.float64)
-        trained = m["label"].to_numpy()
-        if not np.isfinite(margin).all():
-            raise ValueError(f"{where}: {int((~np.isfinite(margin)).sum())} non-finite margins (training diverged?)")
-        bad = trained != (expected if ids is None else expected[ids])
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{where}: {int(bad.sum())} samples were trained on labels other than the dataset's "
-                             f"(e.g. {keys[i]!r}: {trained[i]}); was the run trained on another dataset?")
-        seen = m["count"].to_numpy() > 0
-        if ids is None and seen.all():
-            total += margin
-            epochs += 1
-        else:
-            ids = np.arange(n) if ids is None else ids
-            total[ids[seen]] += margin[seen]
-            epochs[ids[seen]] += 1
+        prev = _add_epoch(path, f"run {run} epoch {epoch}", index, expected, total, epochs, prev)
     with np.errstate(invalid="ignore", divide="ignore"):
         run_aum = np.where(epochs > 0, total / np.maximum(epochs, 1), np.nan)
     cfg = _config(run)
@@ -222,6 +200,33 @@ def _run_aum(run: str, index: _Keys, labels: np.ndarray, skip_epochs: int) -> _R
             "with_margins": int((epochs > 0).sum()), "threshold_samples": int(threshold.sum()) if has_thr else None,
             "view": cfg.get("view"), "data": cfg.get("data"), "threshold_part": cfg.get("aum_threshold_part")}
     return _RunAum(run_aum, epochs, threshold, has_thr, info)
+
+
+def _add_epoch(path: str, where: str, index: _Keys, expected: np.ndarray, total: np.ndarray, epochs: np.ndarray,
+               prev: tuple[pl.Series, np.ndarray] | None) -> tuple[pl.Series, np.ndarray] | None:
+    """Add one epoch file's margins to the per-sample sums (one epoch in memory at a time)."""
+    m = _read(path, ["key", "label", "margin", "count"])
+    keys = m["key"]
+    same = prev is not None and keys.len() == prev[0].len() and keys.equals(prev[0], check_names=False)
+    ids = prev[1] if same else index.ids(keys, where)
+    margin = m["margin"].to_numpy().astype(np.float64)
+    trained = m["label"].to_numpy()
+    if not np.isfinite(margin).all():
+        raise ValueError(f"{where}: {int((~np.isfinite(margin)).sum())} non-finite margins (training diverged?)")
+    bad = trained != (expected if ids is None else expected[ids])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: {int(bad.sum())} samples were trained on labels other than the dataset's "
+                         f"(e.g. {keys[i]!r}: {trained[i]}); was the run trained on another dataset?")
+    seen = m["count"].to_numpy() > 0
+    if ids is None and seen.all():
+        total += margin
+        epochs += 1
+        return None
+    at = np.flatnonzero(seen) if ids is None else ids[seen]
+    total[at] += margin[seen]
+    epochs[at] += 1
+    return None if ids is None else (keys, ids)
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -333,12 +338,11 @@ def compute_aum(dataset: str | os.PathLike | Dataset, runs: list[str | os.PathLi
                          f"{ds.root}, so it is used")
     unscored = int((n_runs == 0).sum())
     if unscored:
-        in_every = int(np.logical_and.reduce([r.threshold for r in with_thr]).sum()) \
-            if with_thr and len(with_thr) == len(per_run) else 0
-        notes.append(f"{unscored} samples have no margin w.r.t. their own label (aum null, n_epochs 0, never "
-                     f"flagged): not trained in any run (a view?)" + (
-                         f" or a threshold sample of every run ({in_every}; use --aum-threshold-part 0 and 1)"
-                         if in_every else ""))
+        untrained = int(np.logical_and.reduce([r.epochs == 0 for r in per_run]).sum())
+        why = ([f"{untrained} not trained in any run (a view?)"] if untrained else []) + (
+            [f"{unscored - untrained} a threshold sample in every run that trained them (use "
+             "--aum-threshold-part 0 and 1 on two runs)"] if unscored > untrained else [])
+        notes.append(f"{unscored} samples have no AUM (aum null, n_epochs 0, never flagged): " + ", ".join(why))
     stats = {"samples": n, "scored": n - unscored, "flagged": int(flagged.sum()), "rule": rule,
              "drop_fraction": drop_fraction, "threshold_percentile": threshold_percentile, "per_class": per_class,
              "skip_epochs": skip_epochs, "runs": [r.info for r in per_run], "notes": notes,
@@ -416,7 +420,7 @@ def format_summary(res: AumResult, top: int = 5) -> str:
         lines.append(f"  run {r['run']}: epochs {used[0]}-{used[-1]} ({len(used)} of {r['epochs_total']}), "
                      f"{r['with_margins']} samples with margins" + (f", view {r['view']}" if r["view"] else "") + part)
     lines += [f"  note: {n}" for n in s["notes"]]
-    lines.append(f"  {s['seconds']:.1f}s")
+    lines.append(f"  computed in {s['seconds']:.1f}s")
     return "\n".join(lines)
 
 
