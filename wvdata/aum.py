@@ -355,20 +355,7 @@ def compute_aum(dataset: str | os.PathLike | Dataset, runs: list[str | os.PathLi
 
 def write_table(ds: Dataset, table: pl.DataFrame) -> str:
     """Write annotations/aum.parquet: to a temporary name, then rename into place."""
-    path = ds.annotation_path("aum")
-    if is_url(path):
-        import fsspec
-
-        fs, _, (p,) = fsspec.get_fs_token_paths(path)
-        with fs.open(p + ".tmp", "wb") as f:
-            table.write_parquet(f)
-        fs.mv(p + ".tmp", p)
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    table.write_parquet(tmp)
-    os.replace(tmp, path)
-    return path
+    return ds.write_annotation("aum", table)
 
 
 def save(dataset: str | os.PathLike | Dataset, res: AumResult, report: str | os.PathLike | None = None) -> str:

@@ -164,13 +164,8 @@ def curriculum(dataset: str | os.PathLike | Dataset, features: str, *, split: st
 def save(dataset: str | os.PathLike | Dataset, table: pl.DataFrame) -> str:
     """Write annotations/curriculum.parquet (temporary name, then rename) under the dataset's lease."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    path = ds.annotation_path("curriculum")
     with dataset_lock(ds.root, "wvdata curriculum"):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        table.write_parquet(tmp)
-        os.replace(tmp, path)
-    return path
+        return ds.write_annotation("curriculum", table)
 
 
 def format_summary(table: pl.DataFrame, stats: dict[str, Any] | None = None) -> str:

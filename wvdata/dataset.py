@@ -128,6 +128,24 @@ class Dataset:
     def annotation_path(self, name: str) -> str:
         return join(self.root, "annotations", f"{name}.parquet")
 
+    def write_annotation(self, name: str, table: pl.DataFrame) -> str:
+        """Write annotations/NAME.parquet under a temporary name, then rename it into place
+        (local paths and fsspec URLs), so a reader never sees half a table; return its path."""
+        path = self.annotation_path(name)
+        if is_url(path):
+            import fsspec
+
+            fs, _, (p,) = fsspec.get_fs_token_paths(path)
+            with fs.open(p + ".tmp", "wb") as f:
+                table.write_parquet(f)
+            fs.mv(p + ".tmp", p)
+            return path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        table.write_parquet(tmp)
+        os.replace(tmp, path)
+        return path
+
     def read_image_bytes(self, split: str, shard: str, data_offset: int, size: int) -> bytes:
         """The stored JPEG of one sample, read by byte range."""
         with open_file(self.shard_path(split, shard)) as f:

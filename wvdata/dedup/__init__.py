@@ -45,7 +45,7 @@ import numpy as np
 import polars as pl
 
 from .._args import non_negative_int, parse_list, positive_int
-from ..dataset import Dataset, is_url, open_dataset, open_file
+from ..dataset import Dataset, open_dataset, open_file
 from ..engine import ENGINES, run_tasks
 from ..lock import dataset_lock
 from .cluster import (
@@ -257,20 +257,7 @@ def _verify(ds: Dataset, samples: pl.DataFrame, need: list[tuple[int, int]], ver
 
 def write_table(ds: Dataset, table: pl.DataFrame) -> str:
     """Write annotations/dedup.parquet: to a temporary name, then rename into place."""
-    path = ds.annotation_path("dedup")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if is_url(path):
-        import fsspec
-
-        fs, _, (p,) = fsspec.get_fs_token_paths(path)
-        with fs.open(p + ".tmp", "wb") as f:
-            table.write_parquet(f)
-        fs.mv(p + ".tmp", p)
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    table.write_parquet(tmp)
-    os.replace(tmp, path)
-    return path
+    return ds.write_annotation("dedup", table)
 
 
 def dedup(dataset: str | os.PathLike | Dataset, splits: Sequence[str] = ("train", "val", "test"),
