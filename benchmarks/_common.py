@@ -48,3 +48,27 @@ def read_all(paths: Iterable[str | os.PathLike]) -> int:
             while chunk := f.read(1 << 22):
                 total += len(chunk)
     return total
+
+
+def result(bench: str, figure: str, value: float, unit: str, *, baseline: str | None = None,
+           baseline_value: float | None = None, higher_is_better: bool = True,
+           target: float | None = None) -> dict:
+    """One headline figure, printed as a `RESULT {json}` line that `python -m benchmarks` collects.
+
+    ratio: how many times better wvdata is than the baseline of the same run (>1: better), so
+    times and rates read the same way; target: the ratio (or, without a baseline, the value)
+    the figure must reach.
+    """
+    import json
+
+    row: dict = {"bench": bench, "figure": figure, "value": value, "unit": unit}
+    if baseline is not None and baseline_value:
+        row.update(baseline=baseline, baseline_value=baseline_value,
+                   ratio=(value / baseline_value) if higher_is_better else (baseline_value / value))
+    row["higher_is_better"] = higher_is_better
+    if target is not None:
+        row["target"] = target
+        got = row.get("ratio", value)
+        row["met"] = bool(got >= target) if (higher_is_better or "ratio" in row) else bool(got <= target)
+    print("RESULT " + json.dumps(row), flush=True)
+    return row
