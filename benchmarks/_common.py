@@ -72,3 +72,35 @@ def result(bench: str, figure: str, value: float, unit: str, *, baseline: str | 
         row["met"] = bool(got >= target) if (higher_is_better or "ratio" in row) else bool(got <= target)
     print("RESULT " + json.dumps(row), flush=True)
     return row
+
+
+SCALES = ("small", "full")
+
+
+def parse_scaled(parser, argv: list[str] | None, sizes: dict[str, dict]):
+    """Parse `argv` with a `--scale small|full` option (default full) added to `parser`; every
+    option whose value is None is then taken from `sizes[scale]` (explicit options win).
+
+    small: a minute or two on 2 cores, for `python -m benchmarks --scale small`; full: the sizes
+    the benchmark's docstring names.
+    """
+    parser.add_argument("--scale", choices=SCALES, default="full",
+                        help="problem sizes: small (a couple of minutes on 2 cores) or full (default)")
+    args = parser.parse_args(argv)
+    for name, value in sizes[args.scale].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def versions(dists: Iterable[str]) -> dict[str, str]:
+    """{distribution: installed version or "not installed"}, read from package metadata (no imports)."""
+    from importlib import metadata
+
+    out = {}
+    for d in dists:
+        try:
+            out[d] = metadata.version(d)
+        except metadata.PackageNotFoundError:
+            out[d] = "not installed"
+    return out
