@@ -15,13 +15,20 @@ crawl of web-size JPEGs (benchmarks/_crawl.py), with W workers each, from a warm
    (split_by_worker is WebDataset's default). Target >= 1.5x.
 3. DALI backend on the CPU (num_threads=W), same settings, against the same baseline.
 4. DALI "mixed" (GPU) decode, only when CUDA is present.
+5. The peers a user would pick instead, each over a copy of the same JPEG bytes, with the
+   baseline's transforms, batch and workers (benchmarks/_stream_peers.py): LitData 0.2.x
+   (`optimize`, then StreamingDataset + StreamingDataLoader) and MosaicML streaming 0.13
+   (MDSWriter, then StreamingDataset + StreamingDataLoader). A peer that is not installed is
+   skipped with a note (`make bench` installs them).
 
 Rows run interleaved, one epoch each per round, so that other jobs on the machine hit all rows
 alike. Two measures: images/sec of wall time (each epoch drops its first W batches, i.e. worker
 start-up; best epoch), and CPU ms per image (user + sys of the process and its workers over a
 whole epoch; best epoch), which other jobs on a shared machine barely move.
 
-    python -m benchmarks.stream_bench [--images N] [--workers W] [--epochs E]
+    python -m benchmarks.stream_bench [--scale small|full] [--images N] [--workers W] [--epochs E]
+
+--scale full: 2,000 images, 3 rounds; small: 800 images, 2 rounds (about two minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -84,7 +91,7 @@ def _read_batches(args: tuple[list[str], Any, Any, Any, list[np.ndarray]]) -> tu
 
 def raw_epoch(pool, ld, epochs: list[int], workers: int) -> Measure:
     """Byte-range reads of every entry for each of `epochs`, batches dealt to W processes."""
-    src = ld._src
+    src = ld.entries
     jobs: list[list[np.ndarray]] = [[] for _ in range(workers)]
     for e in epochs:
         pos = ld.positions(e)
@@ -160,35 +167,52 @@ def quiet_dali_deprecations() -> None:
 
 # ---------------------------------------------------------------- report
 
-def machine() -> list[str]:
-    import PIL
-    import torch
-    import torchvision
-    import webdataset
+SIZES = {"small": {"images": 800, "epochs": 2, "raw_repeat": 5, "raw_tries": 2},
+         "full": {"images": 2000, "epochs": 3, "raw_repeat": 20, "raw_tries": 5}}
+PEERS = {"litdata": ("litdata", "litdata_loader"), "mosaic streaming": ("streaming", "mosaic_loader")}
 
-    try:
-        import nvidia.dali as dali
-        dali_v = dali.__version__
-    except ImportError:
-        dali_v = "not installed"
+
+def machine() -> list[str]:
+    import torch
+
+    v = _common.versions(["torch", "torchvision", "pillow", "nvidia-dali-cuda130", "webdataset", "litdata",
+                          "mosaicml-streaming"])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return [_common.machine(gpu=gpu),
-            f"versions: torch={torch.__version__}, torchvision={torchvision.__version__}, "
-            f"pillow={PIL.__version__}, dali={dali_v}, webdataset={webdataset.__version__}"]
+    return [_common.machine(gpu=gpu), "versions: " + ", ".join(f"{k}={x}" for k, x in v.items())]
+
+
+def peer_rows(ds: Path, w: int, say: Callable[..., None]) -> list[tuple[str, Any]]:
+    """(name, loader) of each installed peer; a note for each that is not installed or fails to set up."""
+    import importlib.util
+
+    from benchmarks import _stream_peers
+
+    out = []
+    for name, (module, make) in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            say(f"{name}: skipped, {module} is not installed (`make bench` installs the peers)")
+            continue
+        try:
+            out.append((name, getattr(_stream_peers, make)(ds, BATCH, SIZE, w)))
+        except Exception as e:  # a peer's own failure must not take the other rows down
+            say(f"{name}: skipped, setting it up failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--epochs", type=int, default=3, help="rounds; each row runs one epoch a round")
+    ap.add_argument("--epochs", type=int, help="rounds; each row runs one epoch a round")
     ap.add_argument("--shard-samples", type=int, default=250)
-    ap.add_argument("--raw-repeat", type=int, default=20, help="epochs per raw-read measurement")
-    ap.add_argument("--raw-tries", type=int, default=5, help="raw-read measurements a round (cheap)")
+    ap.add_argument("--raw-repeat", type=int, help="epochs per raw-read measurement")
+    ap.add_argument("--raw-tries", type=int, help="raw-read measurements a round (cheap)")
     ap.add_argument("--no-dali", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    ap.add_argument("--no-peers", action="store_true", help="leave out LitData and MosaicML streaming")
+    ap.add_argument("--out", help="text copy of the output (default: results/stream-cpu.txt at --scale full)")
+    args = _common.parse_scaled(ap, argv, SIZES)
     w, r = max(1, args.workers), args.raw_repeat
+    out = args.out or (str(RESULTS) if args.scale == "full" else None)
     lines: list[str] = []
 
     def say(*msg: str) -> None:
@@ -206,20 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     ld = loader(ds, backend="torch", batch_size=BATCH, image_size=SIZE, num_workers=w, rank=0,
                 world_size=1)
     n = len(ld.view)
-    mb = warm(urls) / 1e6
     gpu = torch.cuda.is_available()
-    say(*machine(),
-        f"dataset: {ds.relative_to(OUT.parent.parent)}: {n} train samples (web-size JPEGs built with "
-        f"resize_short={SHORT}), {len(urls)} shards, {mb:.0f} MB",
+    say(*machine())
+    peers = [] if args.no_peers else peer_rows(ds, w, say)
+    mb = warm(urls + [str(f) for f in ds.parent.glob(f"*-{ds.name}/*") if f.is_file()]) / 1e6
+    say(f"dataset: {ds.relative_to(OUT.parent.parent)}: {n} train samples (web-size JPEGs built with "
+        f"resize_short={SHORT}), {len(urls)} shards; the peers' copies hold the same JPEG bytes",
         f"settings: workers={w} for every row (DALI: num_threads={w}), batch={BATCH}, image={SIZE}, "
         f"train (RandomResizedCrop + flip + RandAugment(2, 9)), {args.epochs} rounds, rows "
         f"interleaved; wall: first {w} batches of each epoch dropped, best epoch; CPU: whole epoch, "
         f"best epoch; raw reads: {r} epochs a measurement, best of {args.raw_tries} a round",
-        f"page cache: warmed by reading all shards once (not dropped: shared machine); start {load()}")
+        f"page cache: warmed by reading all shards and copies once ({mb:.0f} MB; not dropped: shared "
+        f"machine); start {load()}")
 
     Row = tuple[str, Callable[[int], Measure]]
     pool = mp.get_context("fork").Pool(w)
-    pool.map(_read_batches, [(ld._src.paths, ld._src.shard_id, ld._src.offset, ld._src.size, [])] * w)
+    e_ = ld.entries
+    pool.map(_read_batches, [(e_.paths, e_.shard_id, e_.offset, e_.size, [])] * w)
     raw: list[Row] = [("cat", lambda e: cat_epoch(urls, n, r)),
                       ("torch reads", lambda e: raw_epoch(pool, ld, list(range(e * r, e * r + r)), w))]
     base = wds_baseline(urls, w, seed=0)
@@ -240,12 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("dali cpu", epoch_of(dali_loader(ds, w, gpu=False))))
         if gpu:
             rows.append(("dali mixed", epoch_of(dali_loader(ds, w, gpu=True), sync=True)))
+    rows += [(name, epoch_of(it)) for name, it in peers]
 
-    seen = {name: sum(len(b[0]) for b in it) for name, it in (("wvdata torch", ld), ("webdataset", base))}
-    say(f"one full epoch: {seen} images (view: {n})")
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
     spread: dict[str, list[float]] = {}
+    seen: dict[str, set[int]] = {}  # images in each whole epoch, per row: each sample once
     for e in range(args.epochs):
         for group, tries in ((raw, args.raw_tries), (rows, 1)):
             for _ in range(tries):
@@ -255,17 +282,31 @@ def main(argv: list[str] | None = None) -> None:
                     spread.setdefault(name, []).append(k / sec)
                     cpu[name] = min(cpu.get(name, float("inf")), c / total * 1e3)
                     if tries == 1:
-                        say(f"  round {e + 1}: {name:12} {k:5d} img {sec:7.3f} s {k / sec:7.1f} img/s, "
+                        seen.setdefault(name, set()).add(total)
+                        say(f"  round {e + 1}: {name:16} {k:5d} img {sec:7.3f} s {k / sec:7.1f} img/s, "
                             f"{c / total * 1e3:6.2f} CPU ms/img [{load()}]")
             if tries > 1:
                 say(f"  round {e + 1}: raw reads, best so far: " + ", ".join(
                     f"{name} {wall[name]:.0f} img/s {cpu[name] * 1e3:.1f} CPU us/img" for name, _ in group)
                     + f" [{load()}]")
     pool.close()
+    say(f"images in each whole epoch: {', '.join(f'{k} {sorted(v)}' for k, v in seen.items())} (view: {n})")
+    say("", *table(wall, cpu, spread, gpu), "",
+        "ratio = this row / its baseline (row 1: cat; rows 2-5: webdataset); for CPU, baseline ms / "
+        "this row's ms. The baseline and the peers yield normalised float32 batches (what a user writes), "
+        "wvdata uint8 (normalised on the device).",
+        "Wall-time rates move with other jobs on a shared machine (see the load averages and the "
+        "range over epochs); CPU ms/img is the contention-robust comparison.", f"end: {load()}")
+    results(wall, cpu)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
-    head = (f"{'row':28} {'images/s':>9} {'range, epochs':>17} {'ratio':>6} {'CPU ms/img':>11} {'ratio':>6} "
+
+def table(wall: dict[str, float], cpu: dict[str, float], spread: dict[str, list[float]], gpu: bool) -> list[str]:
+    head = (f"{'row':32} {'images/s':>9} {'range, epochs':>17} {'ratio':>6} {'CPU ms/img':>11} {'ratio':>6} "
             f"{'target':>7}")
-    table = [head, "-" * len(head)]
+    out = [head, "-" * len(head)]
 
     def row(label: str, name: str, baseline: str | None = None, target: float | None = None) -> None:
         if name not in wall:
@@ -277,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             *("met" if v >= target else "MISSED" for v in (wall[name] / wall[baseline],
                                                            cpu[baseline] / cpu[name])))
         rng = f"{min(spread[name]):.0f}-{max(spread[name]):.0f}"
-        table.append(f"{label:28} {wall[name]:9.1f} {rng:>17} {rw:>6} {cpu[name]:11.4f} {rc:>6} {tgt:>7}{ok}")
+        out.append(f"{label:32} {wall[name]:9.1f} {rng:>17} {rw:>6} {cpu[name]:11.4f} {rc:>6} {tgt:>7}{ok}")
     row("1. cat shard*.tar", "cat")
     row("1. torch byte-range reads", "torch reads", "cat", 0.8)
     row("2. webdataset + torchvision", "webdataset")
@@ -285,15 +326,30 @@ def main(argv: list[str] | None = None) -> None:
     row("3. wvdata dali (cpu)", "dali cpu", "webdataset")
     row("4. wvdata dali (mixed)", "dali mixed", "webdataset")
     if not gpu:
-        table.append(f"{'4. wvdata dali (mixed)':28} skipped (no GPU)")
-    say("", *table, "",
-        "ratio = this row / its baseline (row 1: cat; rows 2-4: webdataset); for CPU, baseline ms / "
-        "this row's ms. The baseline yields normalised float32 batches (what a user writes), wvdata "
-        "uint8 (normalised on the device).",
-        "Wall-time rates move with other jobs on a shared machine (see the load averages and the "
-        "range over epochs); CPU ms/img is the contention-robust comparison.", f"end: {load()}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        out.append(f"{'4. wvdata dali (mixed)':32} skipped (no GPU)")
+    row("5. litdata StreamingDataLoader", "litdata", "webdataset")
+    row("5. mosaic StreamingDataset", "mosaic streaming", "webdataset")
+    return out
+
+
+def results(wall: dict[str, float], cpu: dict[str, float]) -> None:
+    """The headline figures as RESULT lines (collected by `python -m benchmarks`)."""
+    res = _common.result
+    if "torch reads" in wall:
+        res("stream", "raw byte-range reads", wall["torch reads"], "img/s", baseline="cat", baseline_value=wall["cat"],
+            target=0.8)
+    aug = "decode+RRC+RandAugment"
+    for name, label, target in (("torch", "torch backend", 1.5), ("dali cpu", "DALI backend, CPU", None),
+                                ("dali mixed", "DALI backend, mixed (GPU)", None)):
+        if name in wall:
+            res("stream", f"{aug}, {label}", wall[name], "img/s", baseline="webdataset+torchvision",
+                baseline_value=wall["webdataset"], target=target)
+    res("stream", f"{aug}, torch backend, CPU per image", cpu["torch"], "CPU ms/img",
+        baseline="webdataset+torchvision", baseline_value=cpu["webdataset"], higher_is_better=False)
+    for peer, label in (("litdata", "LitData StreamingDataLoader"), ("mosaic streaming", "MosaicML StreamingDataset")):
+        if peer in wall:
+            res("stream", f"{aug}, torch backend vs {label}", wall["torch"], "img/s", baseline=label,
+                baseline_value=wall[peer])
 
 
 if __name__ == "__main__":
