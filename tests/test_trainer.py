@@ -8,11 +8,21 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from _train import QUICK, ROOT, run_trainer
+from _train import (
+    QUICK,
+    ROOT,
+    SYNTH_CLASSES,
+    SYNTH_MISSING,
+    SYNTH_ROWS,
+    run_trainer,
+    synthetic_labels,
+    synthetic_rows,
+)
 
-from trainer.aum import MarginAccumulator, margins, threshold_samples
+from trainer.aum import MarginAccumulator, margins, threshold_samples, write_margins
 from trainer.metrics import accuracy_report, class_averaged, topk_hits
-from wvdata import build
+from wvdata import build, open_dataset
+from wvdata.stream import loader, normalize
 from wvdata.synth import make_digits_folder
 from wvdata.views import view
 
@@ -53,12 +63,18 @@ def test_ddp_two_ranks_learns_digits_and_writes_the_run_directory(digits, tmp_pa
     assert (margins_["count"] >= 1).all()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert {"model", "optimizer", "scheduler", "loader", "rng"} <= set(ckpt) and ckpt["epoch"] == 3
+    # the last epoch's val metrics and the score file are those of the final model, computed directly
+    direct = _direct_scores(digits, out / "checkpoint.pt", (32,), 1)
+    np.testing.assert_allclose(scores.astype(np.float32), direct, atol=2e-3)
+    want = accuracy_report(direct, pl.read_parquet(digits / "val" / "samples.parquet")["label"].to_numpy())
+    assert {k: metrics[-1][f"val_{k}"] for k in want} == pytest.approx(want, abs=1e-9)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_mid_epoch_gives_the_same_weights(digits, tmp_path, nproc):
+    """... and the same AUM margins: the sums of every rank up to the stop are kept once."""
     args = ["--data", str(digits), "--view", "small", "--epochs", "2", "--batch-size", "16", "--lr", "0.2",
-            "--eval-sizes", "32", *COMMON]
+            "--eval-sizes", "32", "--aum", *COMMON]
     _run([*args, "--out", str(tmp_path / "a")], nproc)
     _run([*args, "--out", str(tmp_path / "b"), "--stop-after-steps", "5"], nproc)
     mid = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
@@ -69,6 +85,9 @@ def test_resume_mid_epoch_gives_the_same_weights(digits, tmp_path, nproc):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    for epoch in (0, 1):  # epoch 0 was stopped and resumed
+        ma, mb = (pl.read_parquet(tmp_path / r / "margins" / f"epoch-{epoch:03d}.parquet") for r in "ab")
+        assert ma.height == 240 and ma.equals(mb), epoch
 
 
 def test_dali_loader_trains_an_epoch_on_cpu(digits, tmp_path):
@@ -143,3 +162,124 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(digits, tmp_path):
     assert f"resuming at batch {batch}" in more.stdout
     again = torch.load(out / "checkpoint.pt", weights_only=False)
     assert again["steps"] == ckpt["steps"] + 3
+
+
+# ---------------------------------------------------------------- evaluation at scale, margins
+
+
+def direct_metrics(scores: np.ndarray, labels: np.ndarray, missing=()) -> dict:
+    """top-k and class-averaged top-k by hand: a row is a hit if fewer than k classes score above its label's."""
+    out = {}
+    for k in (1, 5):
+        above = (scores > scores[np.arange(len(labels)), labels.clip(0)][:, None]).sum(1)
+        hit = above < k
+        hit[list(missing)] = False
+        keep = labels >= 0
+        out[f"top{k}"] = hit[keep].mean()
+        out[f"class_top{k}"] = np.mean([hit[keep & (labels == c)].mean() for c in np.unique(labels[keep])])
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_eval_scores_and_metrics_equal_a_direct_computation(tmp_path, nproc):
+    """2 eval sizes averaged, 37 rows over 2 ranks (one padding row, poisoned), one row never yielded: the score
+    file is the float16 average row by row (zeros for the missing row) and the metrics match a direct count."""
+    run_trainer([str(tmp_path)], nproc=nproc, module="tests._train")
+    ids = np.arange(SYNTH_ROWS)
+    want = (synthetic_rows(ids, 0) + synthetic_rows(ids, 1)) / 2
+    want[SYNTH_MISSING] = 0
+    got = np.load(tmp_path / "scores" / "val.npy")
+    assert got.dtype == np.float16 and got.shape == (SYNTH_ROWS, SYNTH_CLASSES)
+    assert np.array_equal(got, want.astype(np.float16))  # the poisoned padding row was dropped, not kept
+    np.save(tmp_path / "direct.npy", want.astype(np.float16))
+    assert (tmp_path / "scores" / "val.npy").read_bytes() == (tmp_path / "direct.npy").read_bytes()
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    labels = synthetic_labels()
+    direct = direct_metrics(want, labels, missing=[SYNTH_MISSING])
+    assert report.keys() == direct.keys()
+    for k in report:
+        assert report[k] == pytest.approx(direct[k], abs=1e-12), k
+    assert not list((tmp_path / ".eval").iterdir())  # the part files are gone
+
+
+def test_accuracy_report_in_chunks_of_a_memory_mapped_float16_file(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.random((1000, 30)).astype(np.float16)
+    labels = rng.integers(-1, 30, 1000)
+    np.save(tmp_path / "s.npy", scores)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+    whole = accuracy_report(scores.astype(np.float32), labels, chunk_rows=10**6)
+    assert accuracy_report(mapped, labels, chunk_rows=64) == whole
+    keep = labels >= 0
+    hits = topk_hits(scores[keep].astype(np.float32), labels[keep], 5)
+    assert whole["top5"] == hits.mean()
+    per_class = [hits[labels[keep] == c].mean() for c in np.unique(labels[keep])]
+    assert whole["class_top5"] == pytest.approx(np.mean(per_class), abs=1e-12)
+
+
+@pytest.mark.parametrize("seen", [1.0, 0.6])
+def test_margins_file_as_the_trainer_wrote_it_before(tmp_path, seen):
+    """write_margins gives the table the trainer's earlier code gave (keys gathered by sample id, then polars)."""
+    n = 500
+    rng = np.random.default_rng(1)
+    keys = pl.Series("key", [f"train/{i % 7}/{i:05d}.jpg" for i in range(n)])
+    labels = rng.integers(0, 11, n)
+    acc = MarginAccumulator(n, torch.device("cpu"))
+    ids = torch.from_numpy(np.sort(rng.permutation(n)[:int(seen * n)]))
+    for _ in range(2):  # two visits per sample, as with padding or resampling
+        acc.add(torch.from_numpy(rng.normal(size=(len(ids), 11))), torch.from_numpy(labels)[ids], ids)
+    write_margins(acc, tmp_path / "margins" / "epoch-000.parquet", keys, labels, rank=0)
+    got = pl.read_parquet(tmp_path / "margins" / "epoch-000.parquet")
+    old_ids, mean, count = acc.result()
+    before = pl.DataFrame({"key": keys.gather(old_ids), "label": labels[old_ids], "margin": mean, "count": count})
+    assert got.equals(before) and got.height == len(ids) and got.schema == before.schema
+    assert got["margin"].dtype == pl.Float32 and (got["count"] == 2).all()
+
+
+def _direct_scores(ds_path, model_file, sizes, crops):
+    """The softmax of a checkpoint's model over val, averaged over sizes and crops, one process, in sample order."""
+    import timm
+
+    ds = open_dataset(ds_path)
+    model = timm.create_model("test_resnet", num_classes=ds.num_classes)
+    model.load_state_dict(torch.load(model_file, weights_only=False)["model"])
+    model.eval()
+    total = np.zeros((ds.samples("val").height, ds.num_classes), np.float32)
+    with torch.no_grad():
+        for size in sizes:
+            for images, _, _, ids in loader(ds, "val", batch_size=50, train=False, image_size=size, eval_crops=crops,
+                                            num_workers=1, with_index=True):
+                x = normalize(images)
+                c = x.shape[1] if x.dim() == 5 else 1
+                p = model(x.flatten(0, 1) if x.dim() == 5 else x).softmax(1).view(-1, c, ds.num_classes).mean(1)
+                total[ids.numpy()] += p.numpy()
+    return total / len(sizes)
+
+
+def test_scores_one_rank_equal_two_ranks_multi_size_multi_crop(digits, tmp_path):
+    """A seeded model scored (--epochs 0) with 2 sizes x 5 crops: 1 rank and 2 ranks (val padded) write the same
+    rows for the same keys, equal to a direct computation; rows are averages (sum to 1)."""
+    import timm
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():
+        timm_model.get_classifier().weight.mul_(30)  # confident rows, different from image to image
+    torch.save({"model": timm_model.state_dict()}, tmp_path / "model.pt")
+    n = pl.read_parquet(digits / "val" / "samples.parquet").height
+    assert n % 2  # 2 ranks need a padding row
+    args = ["--data", str(digits), "--epochs", "0", "--pretrained-file", str(tmp_path / "model.pt"),
+            "--eval-sizes", "32,40", "--eval-crops", "5", "--batch-size", "50", *COMMON]
+    for nproc in (1, 2):
+        run_trainer([*args, "--out", str(tmp_path / f"r{nproc}")], nproc=nproc)
+    one, two = (np.load(tmp_path / f"r{p}" / "scores" / "val.npy") for p in (1, 2))
+    keys = pl.read_parquet(tmp_path / "r1" / "scores" / "val_keys.parquet")["key"]
+    assert keys.equals(pl.read_parquet(tmp_path / "r2" / "scores" / "val_keys.parquet")["key"])
+    assert keys.equals(pl.read_parquet(digits / "val" / "samples.parquet")["key"])
+    direct = _direct_scores(digits, tmp_path / "model.pt", (32, 40), 5)
+    assert one.shape == two.shape == direct.shape == (n, 10)
+    assert np.median(np.abs(direct[1:] - direct[:-1]).max(1)) > 0.05  # rows differ: a misaligned one would show
+    np.testing.assert_allclose(one.astype(np.float32), direct, atol=2e-3)
+    np.testing.assert_allclose(two.astype(np.float32), direct, atol=2e-3)
+    np.testing.assert_allclose(one.astype(np.float32).sum(1), 1, atol=1e-2)
+    assert not (tmp_path / "r2" / ".eval").exists()

@@ -2,10 +2,17 @@
 
 The margin of a sample is the logit of the label it is trained on minus the largest other
 logit (Pleiss et al., "Identifying Mislabeled Data using the Area Under the Margin Ranking").
+At an epoch's end the sums are reduced onto rank 0 (two tensor collectives, whatever the number
+of samples) and written as one parquet file from flat arrays: keys stay an Arrow column, gathered
+by sample id only when some samples were not seen, never a Python object per sample.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+import polars as pl
 import torch
 
 
@@ -30,14 +37,17 @@ class MarginAccumulator:
         self.count.index_add_(0, ids, torch.ones_like(ids))
 
     def reduce(self) -> None:
-        """Sum over ranks (once per epoch)."""
+        """Sum over ranks onto rank 0 (once per epoch, and before a mid-epoch checkpoint); the other ranks'
+        sums are left unspecified: reset them (or restart from zeros) before adding again."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sum)
-            torch.distributed.all_reduce(self.count)
+            torch.distributed.reduce(self.sum, dst=0)
+            torch.distributed.reduce(self.count, dst=0)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sample ids seen, mean margin, visits) on the host."""
-        count = self.count.cpu().numpy()
+        count = self.count.cpu().numpy().copy()
+        if count.all():  # every sample seen: whole arrays, no gathering
+            return np.arange(len(count)), (self.sum.cpu().numpy() / count).astype(np.float32), count
         seen = np.flatnonzero(count)
         mean = (self.sum.cpu().numpy()[seen] / count[seen]).astype(np.float32)
         return seen, mean, count[seen]
@@ -45,6 +55,26 @@ class MarginAccumulator:
     def reset(self) -> None:
         self.sum.zero_()
         self.count.zero_()
+
+
+def margins_frame(aum: MarginAccumulator, keys: pl.Series, labels: np.ndarray) -> pl.DataFrame:
+    """The epoch's margins table: key, label (trained on), margin (float32 mean), count, for the samples seen,
+    in sample id order. `keys` and `labels` are by sample id; when every sample was seen they are used whole."""
+    ids, mean, count = aum.result()
+    if len(ids) == len(keys):  # every sample seen (the usual epoch over a whole split): nothing to gather
+        return pl.DataFrame({"key": keys, "label": labels, "margin": mean, "count": count})
+    return pl.DataFrame({"key": keys.gather(ids), "label": labels[ids], "margin": mean, "count": count})
+
+
+def write_margins(aum: MarginAccumulator, path: Path, keys: pl.Series, labels: np.ndarray, rank: int) -> None:
+    """Reduce the epoch's sums onto rank 0 (collective), which writes `path` (atomically)."""
+    aum.reduce()
+    if rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    margins_frame(aum, keys, labels).write_parquet(tmp)
+    os.replace(tmp, path)
 
 
 def threshold_samples(num_samples: int, num_classes: int, seed: int, part: int | None = None) -> np.ndarray:

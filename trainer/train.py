@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,8 +40,8 @@ from wvdata.stream import loader, normalize
 from wvdata.views import balance_per_class, load_view, memory_view, select
 
 from ._cli import run_main
-from .aum import MarginAccumulator, threshold_samples
-from .metrics import accuracy_report
+from .aum import MarginAccumulator, threshold_samples, write_margins
+from .evaluate import evaluate
 from .optim import EMA, WarmupCosine, param_groups
 
 if TYPE_CHECKING:
@@ -283,7 +284,10 @@ def gather(obj: Any, world: int) -> list:
 
 
 def save_checkpoint(path: Path, state: State, epoch: int, loader_state: dict | None, env: Dist, config: dict) -> None:
-    """Rank 0 writes the weights with every rank's loader position and RNG state (atomically); all ranks wait."""
+    """Rank 0 writes the weights with every rank's loader position and RNG state (atomically); all ranks wait.
+    Mid-epoch, the AUM sums so far are reduced onto rank 0 first, and only rank 0 restores them."""
+    if loader_state is not None and state.aum is not None:
+        state.aum.reduce()
     states = gather(loader_state, env.world)
     rngs = gather(rng_state(), env.world)
     if env.rank == 0:
@@ -314,7 +318,7 @@ def resume(path: Path, state: State, rank: int) -> None:
     state.epoch, state.steps = ckpt["epoch"], ckpt["steps"]
     state.loader_state = ckpt["loader"][rank]
     set_rng_state(ckpt["rng"][rank])
-    if state.aum is not None and ckpt.get("aum") is not None:
+    if state.aum is not None and ckpt.get("aum") is not None and rank == 0:  # the sums of every rank
         state.aum.sum.copy_(ckpt["aum"][0])
         state.aum.count.copy_(ckpt["aum"][1])
     if rank == 0:
@@ -351,17 +355,6 @@ def start_run_directory(out: Path, run: dict, data: Data) -> None:
                       "fake_label": np.full(len(fake), num_classes)}).write_parquet(out / "margins_threshold.tmp")
         (out / "margins").mkdir(exist_ok=True)
         os.replace(out / "margins_threshold.tmp", out / "margins" / "threshold.parquet")
-
-
-def write_margins(aum: MarginAccumulator, out: Path, epoch: int, data: Data, rank: int) -> None:
-    """Sum the epoch's margins over ranks; rank 0 writes margins/epoch-NNN.parquet."""
-    aum.reduce()
-    if rank != 0:
-        return
-    ids, mean, count = aum.result()
-    (out / "margins").mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"key": data.samples["key"].gather(ids), "label": data.labels.cpu().numpy()[ids],
-                  "margin": mean, "count": count}).write_parquet(out / "margins" / f"epoch-{epoch:03d}.parquet")
 
 
 # ---------------------------------------------------------------- the loop
@@ -454,63 +447,43 @@ def train_epoch(state: State, data: Data, epoch: int, env: Dist, stop: StopFlag,
     return EpochStats(size, loss_sum, seen, lr, time.perf_counter() - t0, stopped_at)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, data: Data, split: str, env: Dist) -> np.ndarray:
-    """Softmax over the real classes, averaged over eval sizes and crops; rows by sample id."""
-    model.eval()
-    num_classes = data.ds.num_classes
+def score(model: torch.nn.Module, data: Data, split: str, out: Path, env: Dist, write: bool) -> dict | None:
+    """Score `split` on every rank (see trainer.evaluate); with `write`, rank 0 writes scores/{split}.npy (float16
+    softmax, rows by sample id) and {split}_keys.parquet. The metrics on rank 0, None elsewhere."""
     sizes = [int(s) for s in data.eval_sizes.split(",")] if data.eval_sizes else [data.image_size]
-    n = data.ds.samples(split).height
-    total = torch.zeros(n, num_classes, dtype=torch.float32)
-    for size in sizes:
-        ld = loader(data.ds, split, batch_size=data.batch_size, backend=data.backend, train=False, image_size=size,
-                    eval_crops=data.eval_crops, num_workers=data.workers, with_index=True)
-        ids_all, probs_all = [], []
-        for images, _, _, ids in ld:
-            x = normalize(images, device=env.device, channels_last=env.device.type == "cuda")
-            crops = x.shape[1] if x.dim() == 5 else 1
-            x = x.flatten(0, 1) if x.dim() == 5 else x
-            with autocast(env.device):
-                logits = model(x).float()[:, :num_classes]
-            probs = logits.softmax(1).view(-1, crops, num_classes).mean(1)
-            ids_all.append(ids)
-            probs_all.append(probs.cpu())
-        ids = torch.cat(ids_all) if ids_all else torch.zeros(0, dtype=torch.int64)
-        probs = torch.cat(probs_all) if probs_all else torch.zeros(0, num_classes)
-        for rank_ids, rank_probs in gather((ids, probs), env.world):
-            total[rank_ids] = rank_probs  # padding repeats write the same row twice
-    model.train()
-    return (total / len(sizes)).numpy()
+    if env.world > 1:  # rank 0's buffers (BatchNorm statistics drift per rank): all score the checkpointed model
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    return evaluate(model, data.ds, split, rank=env.rank, world=env.world, device=env.device, sizes=sizes,
+                    crops=data.eval_crops, batch_size=data.batch_size, backend=data.backend, workers=data.workers,
+                    work=out / ".eval", dest=out / "scores" / f"{split}.npy" if write else None)
 
 
-def evaluate_and_log(model: torch.nn.Module, data: Data, stats: EpochStats, epoch: int, out: Path, env: Dist) -> None:
-    """Sum the train loss over ranks, score val; rank 0 appends the epoch's record to metrics.jsonl."""
+def evaluate_and_log(model: torch.nn.Module, data: Data, stats: EpochStats, epoch: int, out: Path, env: Dist,
+                     write: bool = False) -> None:
+    """Sum the train loss over ranks, score val (and write its score file, with `write`); rank 0 appends the
+    epoch's record to metrics.jsonl."""
     if env.world > 1:
         dist.all_reduce(stats.loss_sum)
-    probs = predict(model, data, "val", env) if "val" in data.ds.splits else None
+    acc = score(model, data, "val", out, env, write) if "val" in data.ds.splits else None
     if env.rank != 0:
         return
     seen, seconds = stats.seen, stats.seconds
     record = {"epoch": epoch, "train_loss": stats.loss_sum.item() / max(1, seen * env.world), "lr": stats.lr,
               "images_per_sec": seen * env.world / seconds, "image_size": stats.image_size, "seconds": seconds}
-    if probs is not None:
-        acc = accuracy_report(probs, data.ds.samples("val")["label"].to_numpy())
-        record.update({f"val_{k}": v for k, v in acc.items()})
+    record.update({f"val_{k}": v for k, v in (acc or {}).items()})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def write_scores(model: torch.nn.Module, data: Data, out: Path, env: Dist) -> None:
-    """scores/{split}.npy (float16 softmax, rows by sample id) and {split}_keys.parquet, for val and test."""
+def write_scores(model: torch.nn.Module, data: Data, out: Path, env: Dist, done: tuple[str, ...] = ()) -> None:
+    """scores/{split}.npy and {split}_keys.parquet for val and test (those not in `done` already)."""
     for split in ("val", "test"):
-        if split in data.ds.splits:
-            probs = predict(model, data, split, env)
-            if env.rank == 0:
-                (out / "scores").mkdir(parents=True, exist_ok=True)
-                np.save(out / "scores" / f"{split}.npy", probs.astype(np.float16))
-                pl.DataFrame({"key": data.ds.samples(split)["key"]}).write_parquet(
-                    out / "scores" / f"{split}_keys.parquet")
+        if split in data.ds.splits and split not in done:
+            score(model, data, split, out, env, write=True)
+    if env.rank == 0:
+        shutil.rmtree(out / ".eval", ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,11 +510,13 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
             return 0
         if state.aum is not None:
-            write_margins(state.aum, out, epoch, data, env.rank)
-        evaluate_and_log(state.eval_model, data, stats, epoch, out, env)
+            write_margins(state.aum, out / "margins" / f"epoch-{epoch:03d}.parquet", data.samples["key"],
+                          data.labels.cpu().numpy(), env.rank)
+        last = epoch == data.epochs - 1  # its val scores are the final ones: write them now, not score twice
+        evaluate_and_log(state.eval_model, data, stats, epoch, out, env, write=last)
         save_checkpoint(ckpt_path, state, epoch + 1, None, env, config)
 
-    write_scores(state.eval_model, data, out, env)
+    write_scores(state.eval_model, data, out, env, done=("val",) if state.epoch < data.epochs else ())
     if env.world > 1:
         dist.destroy_process_group()
     return 0
