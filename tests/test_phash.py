@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from wvdata.dedup.cluster import UnionFind
-from wvdata.dedup.hashing import FULL, aligned_distance, hamming, hash_images, to_hex
+from wvdata.dedup.hashing import FULL, VERIFY_VIEWS, hamming, hash_images, signature_distance, to_hex
 from wvdata.dedup.search import brute_force_pairs, multihash_params, range_pairs
 from wvdata.synth import duplicates as synth
 
@@ -68,13 +68,20 @@ def test_undecodable_bytes_are_flagged():
     assert h.std[1] < 4 and not h.colorful[1]
 
 
-def test_aligned_distance_separates_crops_from_look_alikes():
+def test_signature_distance_separates_crops_from_look_alikes():
+    """The verification signature (computed while hashing) keeps border crops of a photo within
+    16 bits of 256 and distinct digits of one class apart (their 64-bit hashes collide)."""
     im = synth.photo("coffee")
-    orig = synth.jpeg(im)
-    for t in ("crop5_left", "crop5_bottom", "crop5_all_sides", "combo"):
-        assert aligned_distance(orig, synth.TRANSFORMS[t](im)) <= 16, t
-    digits = [d for label, d in synth.digits(per_class=4) if label == 4]
-    assert min(aligned_distance(a, b) for i, a in enumerate(digits) for b in digits[i + 1:]) >= 24
+    kinds = ("crop5_left", "crop5_bottom", "crop5_all_sides", "crop3_all_sides", "combo", "resize50")
+    h = hash_images([synth.jpeg(im)] + [synth.TRANSFORMS[t](im) for t in kinds])
+    assert h.vsig.shape == (len(kinds) + 1, len(VERIFY_VIEWS), 32)
+    d = signature_distance(h.vsig[:1], h.vsig[1:])
+    assert (d <= 16).all(), dict(zip(kinds, d))
+    digits = [data for label, data in synth.digits(per_class=6) if label == 4]
+    g = hash_images(digits)
+    i, j = np.triu_indices(len(digits), 1)
+    assert signature_distance(g.vsig[i], g.vsig[j]).min() >= 28
+    assert hamming(g.bits[i, 0], g.bits[j, 0]).min() <= 10  # what the search alone would merge
 
 
 @pytest.mark.parametrize("radius", [0, 3, 10])

@@ -16,6 +16,8 @@ from math import comb
 
 import numpy as np
 
+from . import _link
+
 _MAX_B = 16  # substrings up to 16 bits: the bucket offsets of a table fit in L2 cache
 
 
@@ -53,12 +55,7 @@ def _kernels():
 
     njit, prange = numba.njit, numba.prange
 
-    @njit(inline="always")
-    def popcount(x):
-        x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-        x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-        x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-        return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+    popcount = _link.kernels()["pop"]
 
     @njit(parallel=True, cache=True)
     def search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,

@@ -1,5 +1,5 @@
-"""From accepted pairs to the annotation table: union-find clusters, one keep per cluster,
-train/val/test leaks, and each image's nearest neighbour; plus the cheap pair sources
+"""From joins to the annotation table: connected components as clusters, one keep per
+cluster, train/val/test leaks, each image's nearest neighbour; plus the cheap pair sources
 (equal sha1, flat images) and the colour check."""
 from __future__ import annotations
 
@@ -50,25 +50,50 @@ def colour_ok(h: Hashes, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return close | ~h.colorful[a] | ~h.colorful[b]
 
 
-def flat_pairs(h: Hashes) -> list[tuple[int, int]]:
+def flat_pairs(h: Hashes) -> tuple[np.ndarray, np.ndarray]:
+    """Flat images whose mean gray levels chain within FLAT_MEAN_TOL (and whose colour agrees)."""
     rows = np.nonzero(h.ok & (h.std < FLAT_STD))[0]
     rows = rows[np.argsort(h.mean[rows], kind="stable")]
     a, b = rows[:-1], rows[1:]
     ok = (h.mean[b] - h.mean[a] <= FLAT_MEAN_TOL) & colour_ok(h, a, b)
-    return [(int(x), int(y)) for x, y in zip(a[ok], b[ok])]
+    return a[ok].astype(np.int64), b[ok].astype(np.int64)
 
 
-def sha1_pairs(samples: pl.DataFrame) -> list[tuple[int, int]]:
-    groups = (samples.with_row_index("_row").group_by("sha1").agg(pl.col("_row"))
-              .filter(pl.col("_row").list.len() > 1))
-    out = []
-    for members in groups["_row"].to_list():
-        out += [(members[0], m) for m in members[1:]]
-    return out
+def sha1_pairs(samples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each image with the sha1 of an earlier one, joined to the first of its group."""
+    sha = samples["sha1"].to_numpy()
+    _, first, inv = np.unique(sha, return_index=True, return_inverse=True)
+    b = np.nonzero(first[inv] != np.arange(len(sha)))[0]
+    return first[inv][b].astype(np.int64), b.astype(np.int64)
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) component label of each row under the joins (a[k], b[k])."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    return connected_components(g, directed=False)[1].astype(np.int64)
+
+
+def leaks(split: np.ndarray, roots: np.ndarray, covered) -> tuple[np.ndarray, dict[str, int]]:
+    """A train image is a leak when its cluster holds a val or test image; also how many per split."""
+    train = split == "train"
+    out = np.zeros(len(split), bool)
+    by: dict[str, int] = {}
+    for s in ("val", "test"):
+        held = np.isin(roots, np.unique(roots[split == s]))
+        hit = train & held
+        out |= hit
+        if s in covered:
+            by[s] = int(hit.sum())
+    return out, by
 
 
 def build_table(samples: pl.DataFrame, h: Hashes, roots: np.ndarray, leak: np.ndarray,
-           ci: np.ndarray, cj: np.ndarray, cd: np.ndarray, accepted: dict) -> pl.DataFrame:
+                near_j: np.ndarray, near_d: np.ndarray, xa: np.ndarray, xb: np.ndarray) -> pl.DataFrame:
+    """The annotation table. near_j/near_d: each row's closest search candidate (-1: none);
+    (xa, xb): further pairs (equal sha1, flat) that count for the nearest neighbour too."""
     n = samples.height
     keys = samples["key"].to_numpy()
     df = pl.DataFrame({"_row": np.arange(n), "root": roots, "leak": leak,
@@ -83,15 +108,14 @@ def build_table(samples: pl.DataFrame, h: Hashes, roots: np.ndarray, leak: np.nd
     df = (df.join(best, on="root", how="left").join(ids, on="root", how="left")
           .with_columns(keep=(pl.col("_row") == pl.col("_best")) & ~pl.col("leak"),
                         cluster=pl.col("cluster").fill_null(-1)).sort("_row"))
-    # nearest: over search candidates plus the sha1 / flat pairs
-    extra = [(a, b) for (a, b), why in accepted.items() if why in ("sha1", "flat")]
-    ea = np.array([e[0] for e in extra], np.int64)
-    eb = np.array([e[1] for e in extra], np.int64)
-    ed = hamming(h.bits[ea, 0], h.bits[eb, 0]).astype(np.int64) if extra else np.zeros(0, np.int64)
-    pa, pb, pd = (np.concatenate([ci, ea]), np.concatenate([cj, eb]), np.concatenate([cd, ed]))
-    near = pl.DataFrame({"_row": np.concatenate([pa, pb]), "other": np.concatenate([pb, pa]),
-                         "d": np.concatenate([pd, pd])}, schema={"_row": pl.Int64, "other": pl.Int64, "d": pl.Int64})
-    near = near.with_columns(okey=pl.Series(keys[near["other"].to_numpy()] if near.height else [], dtype=pl.String))
+    # nearest: the search's closest candidate per row, plus the sha1 / flat pairs
+    xd = hamming(h.bits[xa, 0], h.bits[xb, 0]).astype(np.int64) if len(xa) else np.zeros(0, np.int64)
+    seen = np.nonzero(near_j >= 0)[0]
+    rows = np.concatenate([seen, xa, xb]).astype(np.int64)
+    other = np.concatenate([near_j[seen], xb, xa]).astype(np.int64)
+    near = pl.DataFrame({"_row": rows, "okey": keys[other] if len(other) else np.zeros(0, str),
+                         "d": np.concatenate([near_d[seen], xd, xd]).astype(np.int64)},
+                        schema={"_row": pl.Int64, "okey": pl.String, "d": pl.Int64})
     near = (near.sort(["_row", "d", "okey"]).group_by("_row", maintain_order=True).first()
             .select("_row", pl.col("okey").alias("nearest_key"), pl.col("d").alias("nearest_distance")))
     df = df.with_columns(pl.col("_row").cast(pl.Int64)).join(near, on="_row", how="left").sort("_row")
@@ -105,14 +129,14 @@ def build_table(samples: pl.DataFrame, h: Hashes, roots: np.ndarray, leak: np.nd
     }, schema=OUT_SCHEMA)
 
 
-def pairs_frame(samples: pl.DataFrame, h: Hashes, accepted: dict) -> pl.DataFrame:
-    keys, splits = samples["key"].to_list(), samples["split"].to_list()
-    items = sorted(accepted.items())
-    a = np.array([p[0][0] for p in items], np.int64)
-    b = np.array([p[0][1] for p in items], np.int64)
-    d = hamming(h.bits[a, 0], h.bits[b, 0]) if items else np.zeros(0, np.int64)
-    return pl.DataFrame({"key_a": [keys[i] for i in a], "key_b": [keys[i] for i in b],
-                         "split_a": [splits[i] for i in a], "split_b": [splits[i] for i in b],
-                         "distance": d.astype(np.int64), "reason": [p[1] for p in items]},
+def pairs_frame(samples: pl.DataFrame, h: Hashes, a: np.ndarray, b: np.ndarray,
+                reason: np.ndarray) -> pl.DataFrame:
+    """The joins as (key_a, key_b, split_a, split_b, distance, reason), key_a < key_b."""
+    keys, splits = samples["key"].to_numpy(), samples["split"].to_numpy()
+    swap = keys[a] > keys[b]
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    d = hamming(h.bits[a, 0], h.bits[b, 0]) if len(a) else np.zeros(0, np.int64)
+    return pl.DataFrame({"key_a": keys[a], "key_b": keys[b], "split_a": splits[a], "split_b": splits[b],
+                         "distance": np.asarray(d, np.int64), "reason": reason},
                         schema={"key_a": pl.String, "key_b": pl.String, "split_a": pl.String,
                                 "split_b": pl.String, "distance": pl.Int64, "reason": pl.String})

@@ -16,8 +16,9 @@ Two decode modes:
   differs from a full-size LANCZOS. Measured on 240 web-sized photos: 0.24 bits of 64 differ
   on average (max 2, 88% identical) at 3.4x imagehash's speed (docs/dedup.md).
 
-`aligned_distance` is dedup's verification: the 256-bit pHash distance between an image and
-the best-matching border crop of another, found by profile matching and coordinate descent.
+Dedup's verification signature comes from the same pass: the 256-bit pHash of the whole image
+and of `VERIFY_VIEWS` border crops (up to 6% a side), so that checking a candidate pair is
+arithmetic on stored bits (`signature_distance`), never a second decode.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import numpy as np
 from PIL import Image
 
 FAST_MIN_SIDE = 64  # draft decode keeps at least this many pixels on each side (hashing)
-ALIGN_MIN_SIDE = 128  # and for the crop-aligned verification
 _GAP = None  # LANCZOS reducing_gap for the intermediate (None: exact LANCZOS)
 _LANCZOS = Image.Resampling.LANCZOS
 HASHES = ("phash", "dhash")
@@ -40,13 +40,33 @@ Box = tuple[float, float, float, float]  # fractions cut off (left, top, right, 
 FULL: Box = (0.0, 0.0, 0.0, 0.0)
 
 
+def _verify_views() -> tuple[Box, ...]:
+    """The border crops behind the verification signature (docs/dedup.md measures them): the
+    whole image; 1.5/3/4.5/6% off every side; 2/4/6% off one side; 2 or 4% off each of two
+    adjacent sides. A copy cut within about 0.5% of one of these is <= 16 bits (of 256) from
+    its original's view; distinct look-alikes stay >= 28."""
+    views: list[Box] = [FULL] + [(c,) * 4 for c in (0.015, 0.03, 0.045, 0.06)]
+    for side in range(4):
+        for c in (0.02, 0.04, 0.06):
+            views.append(tuple(c if k == side else 0.0 for k in range(4)))  # type: ignore[misc]
+    for x, y in ((0, 1), (0, 3), (2, 1), (2, 3)):  # (left|right, top|bottom) corners
+        for cx in (0.02, 0.04):
+            for cy in (0.02, 0.04):
+                views.append(tuple(cx if k == x else cy if k == y else 0.0 for k in range(4)))  # type: ignore[misc]
+    return tuple(views)
+
+
+VERIFY_VIEWS = _verify_views()
+
+
 @dataclass
 class Hashes:
     """Hashes of a batch of images.
 
     bits: (n, views, bits/8) uint8 search hashes, packed MSB first, so the hex of a row is
         what str(imagehash.phash(...)) prints; view 0 is the whole image.
-    vbits: (n, 32) uint8, 256-bit pHash of the whole image (dedup's verification hash).
+    vsig: (n, len(VERIFY_VIEWS), 32) uint8, 256-bit pHash of the whole image (view 0) and of
+        each verification crop: dedup's verification signature, 1 KB an image.
     mean, std: (n,) gray level statistics of the whole-image 64x64 thumbnail (flat check).
     chroma: (n, 2) mean (Cb, Cr) - 128 of the image; colorful: (n,) bool, some 4x4 cell's
         mean chroma is >= GRAY_CHROMA away from gray (pHash itself is blind to colour).
@@ -54,12 +74,23 @@ class Hashes:
     """
 
     bits: np.ndarray
-    vbits: np.ndarray
+    vsig: np.ndarray
     mean: np.ndarray
     std: np.ndarray
     chroma: np.ndarray
     colorful: np.ndarray
     ok: np.ndarray
+
+    @property
+    def vbits(self) -> np.ndarray:
+        """(n, 32) uint8: the whole image's 256-bit pHash."""
+        return self.vsig[:, 0]
+
+    @classmethod
+    def zeros(cls, n: int, views: int, nbytes: int, vviews: int = len(VERIFY_VIEWS)) -> Hashes:
+        return cls(np.zeros((n, views, nbytes), np.uint8), np.zeros((n, vviews, 32), np.uint8),
+                   np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros((n, 2), np.float32),
+                   np.zeros(n, bool), np.zeros(n, bool))
 
 
 def thumb_size(hash: str, hash_size: int) -> tuple[int, int]:
@@ -82,43 +113,7 @@ def _open_draft(data: bytes, mode: str, min_side: int, exact: bool):
     return img, None
 
 
-def decode_gray(data: bytes, exact: bool, min_side: int = FAST_MIN_SIDE):
-    """Open encoded bytes as an "L" image; returns (image, content box in its pixels).
-
-    In fast mode JPEGs are decoded reduced (luma only) to no less than min_side a side; the
-    box is then the exact original extent in reduced pixels (it can be fractional).
-    """
-    img, box = _open_draft(data, "L", min_side, exact)
-    img = img.convert("L")
-    if box is None:
-        box = (0.0, 0.0, float(img.width), float(img.height))
-    return img, box
-
-
-GRAY_CHROMA = 3.0
-
-
-def chroma_grid(data: bytes) -> np.ndarray:
-    """(4, 4, 2) mean (Cb, Cr) - 128 over a 4x4 grid, from a 1/8-scale decode (cheap)."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("YCbCr", (1, 1))
-    img = img.convert("YCbCr")
-    return np.asarray(img.resize((4, 4), Image.Resampling.BOX), np.float32)[:, :, 1:] - 128.0
-
-
-def view_thumbs(img: Image.Image, box, views: Sequence[Box], size: tuple[int, int],
-                exact: bool = False) -> np.ndarray:
-    """(len(views), h, w) uint8 LANCZOS thumbnails of border crops of a decoded image."""
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    out = np.empty((len(views), size[1], size[0]), np.uint8)
-    for i, (left, t, r, b) in enumerate(views):
-        if exact and (left, t, r, b) == FULL:
-            out[i] = np.asarray(img.resize(size, _LANCZOS))  # the very call imagehash makes
-        else:
-            out[i] = np.asarray(img.resize(size, _LANCZOS, box=(
-                x0 + left * w, y0 + t * h, x1 - r * w, y1 - b * h)))
-    return out
+GRAY_CHROMA = 3.0  # a 4x4 cell's mean |Cb| or |Cr| from which an image counts as colourful
 
 
 @lru_cache(maxsize=8)
@@ -252,22 +247,80 @@ def hash_images(datas: Sequence[bytes], hash: str = "phash", hash_size: int = 8,
     out = left[None] @ x @ right[None]  # (n, v, k, k')
     if hash == "phash":
         low = out.reshape(n, v, -1)
-        bits = low > np.median(low, axis=2, keepdims=True)
+        bits = low > _median(low)
     else:
         t = np.rint(out)
         bits = (t[..., 1:] > t[..., :-1]).reshape(n, v, -1)
     packed = np.packbits(bits, axis=2)
     if exact and FULL in views:
         packed[:, views.index(FULL)] = hash_bits(exact_thumbs, hash, hash_size, True)
-    vl, vr = _view_operators("phash", 16, m, (FULL,))
-    vlow = (vl[None] @ x @ vr[None]).reshape(n, -1)
-    vbits = np.packbits(vlow > np.median(vlow, axis=1, keepdims=True), axis=1)
+    vsig = verify_signature(mids) if extras else np.zeros((n, 1, 32), np.uint8)
     packed[~ok] = 0
-    vbits[~ok] = 0
+    vsig[~ok] = 0
     flat = mids.reshape(n, -1).astype(np.float32)
     colorful = np.abs(chroma).reshape(n, -1).max(axis=1, initial=0.0) >= GRAY_CHROMA
-    return Hashes(packed, vbits, flat.mean(axis=1), flat.std(axis=1), chroma.mean(axis=(1, 2)),
+    return Hashes(packed, vsig, flat.mean(axis=1), flat.std(axis=1), chroma.mean(axis=(1, 2)),
                   colorful, ok)
+
+
+VERIFY_SOURCE = 64  # side of the intermediate the verification crops are resampled from
+
+
+@lru_cache(maxsize=4)
+def _verify_operators(m: int, views: tuple) -> tuple:
+    """Row windows' stacked (DCT x Lanczos) matrices, and per row window the views using it with
+    their column windows' matrices side by side: the operators of `verify_signature`."""
+    rows = sorted({(v[1], v[3]) for v in views})
+    dct = _dct_matrix(64, 16)
+    dy = np.concatenate([dct @ _lanczos_matrix(64, m, t * m, (1 - b) * m) for t, b in rows])
+    per_row = []
+    for t, b in rows:
+        ks = [k for k, v in enumerate(views) if (v[1], v[3]) == (t, b)]
+        right = np.concatenate([(dct @ _lanczos_matrix(64, m, views[k][0] * m, (1 - views[k][2]) * m)).T
+                                for k in ks], axis=1)
+        per_row.append((ks, np.ascontiguousarray(right, np.float32)))
+    return np.ascontiguousarray(dy, np.float32), per_row
+
+
+def verify_signature(mids: np.ndarray, views: Sequence[Box] = VERIFY_VIEWS) -> np.ndarray:
+    """(n, len(views), 32) uint8 256-bit pHashes of border crops of (n, m, m) intermediates.
+
+    The intermediate is first box-averaged to VERIFY_SOURCE (the 16x16 lowest DCT frequencies of
+    a 64-pixel thumbnail need no more). Crops act per axis, so each row window's resampling is
+    applied to the whole batch in one matrix product, then all of its views' column windows in
+    a second one.
+    """
+    n, m = mids.shape[0], mids.shape[1]
+    x = mids.astype(np.float32)
+    if m > VERIFY_SOURCE and m % VERIFY_SOURCE == 0:
+        f = m // VERIFY_SOURCE
+        x = x.reshape(n, VERIFY_SOURCE, f, VERIFY_SOURCE, f).mean(axis=(2, 4))
+        m = VERIFY_SOURCE
+    dy, per_row = _verify_operators(m, tuple(tuple(float(c) for c in v) for v in views))
+    y = dy @ np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(m, n * m)  # (rows*16, n*m)
+    y = y.reshape(len(per_row), 16, n, m).transpose(0, 2, 1, 3)  # (rows, n, 16, m)
+    low = np.empty((n, len(views), 16, 16), np.float32)
+    for r, (ks, right) in enumerate(per_row):
+        out = np.ascontiguousarray(y[r]).reshape(n * 16, m) @ right  # (n*16, len(ks)*16)
+        low[:, ks] = out.reshape(n, 16, len(ks), 16).transpose(0, 2, 1, 3)
+    low = low.reshape(n, len(views), 256)
+    return np.packbits(low > _median(low), axis=2)
+
+
+def _median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis (even length), kept as a length-1 axis: np.median's value,
+    ~4x faster on many short rows (a sort instead of a two-point partition)."""
+    k = x.shape[-1] // 2
+    return np.sort(x, axis=-1)[..., k - 1:k + 1].mean(axis=-1, keepdims=True)
+
+
+def signature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Crop-tolerant 256-bit distance of signatures a, b (..., views, 32): the smallest over views
+    v of d(a_v, b_whole) and d(a_whole, b_v). A crop window keeps one image's content at uniform
+    scale against the other's whole frame, so it cannot stretch one drawing into another."""
+    d1 = hamming(a, b[..., :1, :]).min(axis=-1)
+    d2 = hamming(a[..., :1, :], b).min(axis=-1)
+    return np.minimum(d1, d2)
 
 
 def to_hex(packed: np.ndarray) -> list[str]:
@@ -280,111 +333,3 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unpackbits(np.bitwise_xor(a, b), axis=-1).sum(axis=-1)
 
 
-# ---------------------------------------------------------------- crop-aligned verification
-
-_STEPS = (0.01, 0.005)
-_PROFILE_GRID = np.round(np.arange(0.0, 0.1001, 0.005), 4)
-
-
-def _normalise(t: np.ndarray) -> np.ndarray:
-    t = t.reshape(len(t), -1).astype(np.float32)
-    t -= t.mean(axis=1, keepdims=True)
-    return t / np.maximum(t.std(axis=1, keepdims=True), 1e-3)
-
-
-def _profile_crop(src: np.ndarray, dst: np.ndarray, max_crop: float) -> tuple[float, float]:
-    """Crop (lo, hi) of 1-D profile src that best matches profile dst (crops act per axis)."""
-    n = 64
-    grid = _PROFILE_GRID[_PROFILE_GRID <= max_crop + 1e-9]
-    lo, hi = np.meshgrid(grid, grid, indexing="ij")
-    lo, hi = lo.ravel(), hi.ravel()
-    u = (np.arange(n) + 0.5) / n
-    pos = (lo[:, None] + u[None, :] * (1 - lo - hi)[:, None]) * len(src) - 0.5
-    cand = _normalise(np.interp(pos, np.arange(len(src)), src))
-    want = _normalise(np.interp(u * len(dst) - 0.5, np.arange(len(dst)), dst)[None])
-    k = int(np.argmin(((cand - want) ** 2).sum(axis=1)))
-    return float(lo[k]), float(hi[k])
-
-
-def _align_one_way(img, box, target, hash_size: int, max_crop: float) -> tuple[int, tuple]:
-    """Search crops of `img` (per-side fractions up to max_crop) for the best match of a target.
-
-    A crop keeps the content's scale uniform, so the crop window must have the target's
-    aspect ratio: it is parametrised by (left, top, width fraction), the height fraction
-    following from the two aspect ratios. 1-D column and row profiles give the start;
-    coordinate descent on the thumbnail L2 difference refines it. Returns the smallest
-    pHash distance seen and its crop (left, top, right, bottom fractions).
-    """
-    dst_img, dst_box, target_bits, target_norm = target
-    size = hash_size * 4
-    aw, ah = box[2] - box[0], box[3] - box[1]
-    aspect = (aw / ah) * ((dst_box[3] - dst_box[1]) / (dst_box[2] - dst_box[0]))
-    a = np.asarray(img, np.float32)
-    b = np.asarray(dst_img, np.float32)
-    a = a[int(box[1]):int(np.ceil(box[3])), int(box[0]):int(np.ceil(box[2]))]
-    b = b[int(dst_box[1]):int(np.ceil(dst_box[3])), int(dst_box[0]):int(np.ceil(dst_box[2]))]
-    l0, r0 = _profile_crop(a.mean(axis=0), b.mean(axis=0), max_crop)
-    t0, b0 = _profile_crop(a.mean(axis=1), b.mean(axis=1), max_crop)
-    seen: dict[tuple, tuple[float, int]] = {}
-
-    def crop_of(p):  # (left, top, width fraction) -> (left, top, right, bottom)
-        left, t, w = p
-        return tuple(min(max(v, 0.0), max_crop) for v in (left, t, 1.0 - left - w, 1.0 - t - w * aspect))
-
-    def raw(p):
-        left, t, w = p
-        return (left, t, 1.0 - left - w, 1.0 - t - w * aspect)
-
-    def evaluate(params):
-        params = [p for p in {tuple(round(v, 4) for v in p) for p in params} if p not in seen
-                  and all(-0.005 <= v <= max_crop + 0.005 for v in raw(p))]
-        if params:
-            th = view_thumbs(img, box, [crop_of(p) for p in params], (size, size))
-            bits, _ = phash_bits(th, hash_size, False)
-            d = np.unpackbits(np.packbits(bits, axis=1) ^ target_bits, axis=1).sum(1)
-            err = ((_normalise(th) - target_norm) ** 2).mean(axis=1)
-            for p, e, dd in zip(params, err, d):
-                seen[p] = (float(e), int(dd))
-
-    wx, wy = 1.0 - l0 - r0, (1.0 - t0 - b0) / aspect
-    starts = [(l0, t0 + ((1 - t0 - b0) - w * aspect) / 2, w) for w in (wx, wy)]
-    starts += [(l0 + (wx - w) / 2, t0, w) for w in (wx, wy)]
-    starts += [(0.0, 0.0, 1.0), ((1 - 1 / aspect) / 2, 0.0, 1 / aspect),
-               (0.0, (1 - aspect) / 2, 1.0)]
-    evaluate(starts)
-    if not seen:
-        return 1 << 30, FULL
-    cur = min(seen, key=lambda c: seen[c][0])
-    for step in _STEPS:
-        for _ in range(6):
-            nbrs = [tuple(v + s * (i == j) for j, v in enumerate(cur)) for i in range(3)
-                    for s in (-step, step)]
-            nbrs += [(cur[0] - s / 2, cur[1] - s * aspect / 2, cur[2] + s) for s in (-step, step)]
-            evaluate(nbrs)
-            best = min((c for c in nbrs if c in seen), key=lambda c: seen[c][0], default=cur)
-            if seen[best][0] >= seen[cur][0]:
-                break
-            cur = best
-    p = min(seen, key=lambda c: (seen[c][1], seen[c][0]))
-    return seen[p][1], crop_of(p)
-
-
-def _target(img, box, hash_size: int):
-    t = view_thumbs(img, box, (FULL,), (hash_size * 4, hash_size * 4))
-    bits, _ = phash_bits(t, hash_size, False)
-    return img, box, np.packbits(bits, axis=1), _normalise(t)
-
-
-def aligned_distance(data_a: bytes, data_b: bytes, hash_size: int = 16,
-                     max_crop: float = 0.06) -> int:
-    """Smallest pHash distance between one image and a border crop of the other (both ways).
-
-    The geometric check behind dedup's verification: a copy with a few percent cut off any
-    side is matched to the same crop of its original, so a strict 256-bit threshold keeps
-    crops while rejecting look-alike low-entropy images.
-    """
-    ia, ba = decode_gray(data_a, False, ALIGN_MIN_SIDE)
-    ib, bb = decode_gray(data_b, False, ALIGN_MIN_SIDE)
-    d1, _ = _align_one_way(ia, ba, _target(ib, bb, hash_size), hash_size, max_crop)
-    d2, _ = _align_one_way(ib, bb, _target(ia, ba, hash_size), hash_size, max_crop)
-    return min(d1, d2)

@@ -5,6 +5,7 @@ passes radius + 1 and returns pairs with distance <= radius.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
@@ -123,18 +124,114 @@ def brute_force_pairs(base: np.ndarray, queries: np.ndarray, radius: int,
             np.concatenate(out_d).astype(np.int64))
 
 
-def candidate_pairs(h: Hashes, radius: int, method: str, flat_std: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique (i < j, distance) pairs: whole-image hash of one within radius of a view of the other."""
-    n, v, _ = h.bits.shape
+# ---------------------------------------------------------------- search + verify + join
+
+DENSE_MIN = 24  # images sharing one 16-bit substring bucket of whole-image hashes: a dense region
+_DENSE_B = 16
+_DENSE_TABLES = 4
+
+
+@dataclass
+class Links:
+    """What `link` found, in the rows of the Hashes it was given.
+
+    edges: (k, 2) joins (each verified, or raw with verify off); their union-find components
+    are the near-duplicate clusters. near_j, near_d: each image's closest candidate seen (-1 /
+    -1 when none) by search-hash distance, ties to the smaller rank. stats: candidates (pairs
+    seen, repeats included), checks (signature checks), colour_rejected, representatives (dense
+    images that queried in the collapse pass), queries (images in the batched search).
+    """
+
+    edges: np.ndarray
+    near_j: np.ndarray
+    near_d: np.ndarray
+    stats: dict
+
+
+def _u64(packed: np.ndarray) -> np.ndarray:
+    """Packed bytes (..., 8k) as (..., k) uint64 (byte order does not matter for Hamming)."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    return packed.view("<u8").reshape(*packed.shape[:-1], packed.shape[-1] // 8)
+
+
+def _tables(codes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-index tables of 64-bit codes: (tables, n) sorted codes and ids, (tables, 2^b+1) offsets."""
+    from ._link import bucket_sort
+
+    n, nb = len(codes), 1 << _DENSE_B
+    tc = np.empty((_DENSE_TABLES, n), np.uint64)
+    ti = np.empty((_DENSE_TABLES, n), np.int64)
+    to = np.empty((_DENSE_TABLES, nb + 1), np.int64)
+    for t in range(_DENSE_TABLES):
+        keys = ((codes >> np.uint64(t * _DENSE_B)) & np.uint64(nb - 1)).astype(np.int64)
+        order, to[t] = bucket_sort(keys, nb)
+        tc[t], ti[t] = codes[order], ids[order]
+    return tc, ti, to
+
+
+def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verify: bool = True,
+         verify_radius: int = 20, chroma_tol: float = 12.0, rank: np.ndarray | None = None,
+         dense_min: int | None = DENSE_MIN) -> Links:
+    """Near-duplicate joins of the decodable, non-flat images of `h`, without quadratic work
+    in a cluster.
+
+    1. Collapse (64-bit search hashes): images whose whole-image hash falls into a bucket of
+       >= dense_min (scaled up with n) in a 16-bit substring table are dense; densest first,
+       each one not yet joined queries the tables itself and the candidates that verify
+       against it join its cluster (`_link.leaders`). dense_min=None skips this pass.
+    2. Batched range search (`range_pairs`, `method`) for every image not yet joined: each of
+       its views against every whole-image hash (the views as queries: many queries share a
+       bucket, so each scanned code is compared with many at once); each pair joins two
+       clusters when they are not one yet and the pair verifies (`_link.link_pairs`).
+    Verification: colour check, then the crop-tolerant 256-bit signature distance <= verify_radius.
+    """
+    from ._link import kernels
+
+    k = kernels()
+    n_all, v, nbytes = h.bits.shape
     rows = np.nonzero(h.ok & (h.std >= flat_std))[0]
-    base = h.bits[rows].reshape(len(rows) * v, -1)
-    q, b, d = range_pairs(base, h.bits[rows, 0], radius, method)
-    i, j = rows[q], rows[b // v]
-    keep = i != j
-    i, j, d = i[keep], j[keep], d[keep]
-    a, c = np.minimum(i, j), np.maximum(i, j)
-    order = np.lexsort((d, c, a))
-    a, c, d = a[order], c[order], d[order]
-    first = np.ones(len(a), bool)
-    first[1:] = (a[1:] != a[:-1]) | (c[1:] != c[:-1])
-    return a[first], c[first], d[first]
+    n = len(rows)
+    rank = np.arange(n, dtype=np.int64) if rank is None else np.asarray(rank, np.int64)[rows]
+    vsig = _u64(h.vsig[rows])
+    chroma = np.ascontiguousarray(h.chroma[rows], np.float64)
+    colorful = np.ascontiguousarray(h.colorful[rows])
+    parent, size = np.arange(n, dtype=np.int64), np.ones(n, np.int64)
+    done = np.zeros(n, bool)
+    near_j, near_d = np.full(n, -1, np.int64), np.full(n, 1 << 30, np.int64)
+    edges = np.empty((max(n, 1), 2), np.int64)
+    stats = np.zeros(8, np.int64)
+    st = np.array([verify_radius, chroma_tol, 1.0 if verify else 0.0])
+    common = (st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j, edges, stats)
+    if nbytes == 8 and dense_min is not None and n:
+        views = _u64(h.bits[rows])[..., 0]
+        whole = np.ascontiguousarray(views[:, 0])
+        wt = _tables(whole, np.arange(n, dtype=np.int64))
+        counts = np.diff(wt[2], axis=1)
+        keys = (whole[None, :] >> (np.arange(_DENSE_TABLES, dtype=np.uint64)[:, None] * np.uint64(_DENSE_B))
+                ) & np.uint64((1 << _DENSE_B) - 1)
+        per = np.take_along_axis(counts, keys.astype(np.int64), axis=1)  # (tables, n)
+        thresh = max(dense_min, 8 * n // (1 << _DENSE_B))
+        dense = np.nonzero(per.max(axis=0) >= thresh)[0]
+        if len(dense):
+            order = dense[np.lexsort((rank[dense], -per[:, dense].sum(axis=0)))]
+            vt = _tables(views.ravel(), np.arange(n * v, dtype=np.int64))
+            nflip = radius // _DENSE_TABLES
+            masks = _mih._flip_masks(_DENSE_B, nflip)
+            k["leaders"](order, whole, views, *vt, *wt, masks, _DENSE_B, nflip, radius, *common)
+            del vt
+    queries = np.nonzero(~done)[0]
+    stats[5] = len(queries)
+    if len(queries):  # every view of each such image against every whole-image hash
+        qv = h.bits[rows[queries]].reshape(len(queries) * v, nbytes)
+        q, j, d = range_pairs(h.bits[rows, 0], qv, radius, method)
+        i = queries[q // v]
+        order = np.lexsort((j, i))
+        k["link_pairs"](i[order], j[order], d[order].astype(np.int64), *common)
+    e = edges[:stats[3]]
+    nj = np.full(n_all, -1, np.int64)
+    nd = np.full(n_all, -1, np.int64)
+    seen = near_j >= 0
+    nj[rows[seen]], nd[rows[seen]] = rows[near_j[seen]], near_d[seen]
+    return Links(rows[e], nj, nd, {"candidates": int(stats[0]), "checks": int(stats[1]),
+                                   "colour_rejected": int(stats[2]), "representatives": int(stats[4]),
+                                   "queries": int(stats[5])})

@@ -3,7 +3,8 @@ scikit-learn (nothing is downloaded): the ground truth behind dedup's defaults, 
 its benchmark (`pip install wvdata[synth]`)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
@@ -15,8 +16,45 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "clock"
 
 
 def photo(name: str) -> Image.Image:
-    """`images.photo(name)` as a PIL RGB image, the form the transforms below (and callers) edit."""
+    """`images.photo(name)` as a PIL RGB image, the form the transforms below (and callers) edit
+    (`stereo_motorcycle`: the left view of the pair)."""
+    if name == "stereo_motorcycle":
+        return _stereo_left().copy()
     return Image.fromarray(images.photo(name))
+
+
+@cache
+def _stereo_left() -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(np.asarray(skimage.data.stereo_motorcycle()[0])[..., :3])
+
+
+HEAVY_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle",
+                "immunohistochemistry")
+
+
+def photo_crops(n: int, names: Iterable[str] = HEAVY_PHOTOS, sides: tuple[int, int] = (400, 1024),
+                scales: tuple[float, float] = (1.0, 1.6), quality: tuple[int, int] = (80, 95),
+                seed: int = 0) -> Iterator[tuple[str, bytes]]:
+    """A duplicate-heavy crawl: n web-size JPEGs, each a random crop of one of a few photos,
+    (photo name, JPEG). The photo is scaled by U(scales), a crop of U(sides) px a side (at most
+    the scaled photo) taken at a random place, saved at a random JPEG quality in `quality`.
+    Popular images in a web crawl recur like this: re-framed, re-sized, re-encoded copies."""
+    rng = np.random.default_rng(seed)
+    names = tuple(names)
+    srcs = [photo(p) for p in names]
+    for i in range(n):
+        k = i % len(names)
+        im = srcs[k]
+        s = float(rng.uniform(*scales))
+        sw, sh = int(im.width * s), int(im.height * s)
+        cw = min(int(rng.integers(sides[0], sides[1] + 1)), sw)
+        ch = min(int(rng.integers(sides[0], sides[1] + 1)), sh)
+        x, y = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
+        box = (x / s, y / s, (x + cw) / s, (y + ch) / s)
+        crop = im.resize((cw, ch), Image.Resampling.BICUBIC, box=box)
+        yield names[k], jpeg(crop, int(rng.integers(quality[0], quality[1] + 1)))
 
 
 def jpeg(img: Image.Image, quality: int = 90) -> bytes:
