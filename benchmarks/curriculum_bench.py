@@ -1,7 +1,9 @@
 """Curriculum density benchmark: `wvdata curriculum`'s per-class kernels on one big class, `exact`
 (blocked) and `knn` against the direct O(n^2) NumPy reference (time, peak memory, same subsets).
 
-    python -m benchmarks.curriculum_bench [--n 20000] [--big 100000] [--dim 256]
+    python -m benchmarks.curriculum_bench [--scale small|full] [--n 20000] [--big 100000] [--dim 256]
+
+--scale full: --n 20000 --big 100000; small: --n 3000 --big 20000 (well under a minute).
 
 Features: synthetic, clustered like one class of a web crawl after embedding (seeded; see
 `clustered`): 60% "clean" samples around 4 visual modes of the class, 25% "noisy" ones (related,
@@ -34,9 +36,10 @@ import time
 
 import numpy as np
 
-from ._common import cpu_seconds, load, machine
+from ._common import cpu_seconds, load, machine, parse_scaled, result
 
 KINDS = ("clean", "noisy", "mislabelled")
+SIZES = {"small": {"n": 3000, "big": 20_000}, "full": {"n": 20_000, "big": 100_000}}
 
 
 def clustered(n: int, dim: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -142,11 +145,11 @@ def _composition(sub: np.ndarray, kind: np.ndarray) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=20_000, help="class size for the direct reference (default 20000)")
-    p.add_argument("--big", type=int, default=100_000, help="class size for exact vs knn (default 100000)")
+    p.add_argument("--n", type=int, help="class size for the direct reference (full: 20000)")
+    p.add_argument("--big", type=int, help="class size for exact vs knn (full: 100000)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "N", "DIM", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_scaled(p, argv, SIZES)
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), args.worker[3])
         return 0
@@ -182,6 +185,16 @@ def main(argv=None) -> int:
           f"samples ({ref['wall'] / small['exact']['wall']:.1f}x its speed, "
           f"{small['exact']['peak_mb']:.0f} MB vs {ref['peak_mb']:.0f} MB); at {args.big}, knn {speed:.1f}x faster "
           f"than exact (target >= 20x), same subset {same:.2%} (target >= 90%)")
+    ex_n = small["exact"]
+    result("curriculum", f"exact density at {args.n}, time", ex_n["wall"], "s", baseline="direct O(n^2) NumPy",
+           baseline_value=ref["wall"], higher_is_better=False)
+    result("curriculum", f"exact density at {args.n}, peak memory", ex_n["peak_mb"], "MB",
+           baseline="direct O(n^2) NumPy", baseline_value=ref["peak_mb"], higher_is_better=False)
+    result("curriculum", f"exact density at {args.n}, same subset as direct", float((ex_n["subsets"] == ref["subsets"])
+           .mean()), "share", target=1.0)
+    result("curriculum", f"knn density at {args.big}, time", kn["wall"], "s", baseline="exact (blocked)",
+           baseline_value=ex["wall"], higher_is_better=False, target=20.0 if args.big >= 100_000 else None)
+    result("curriculum", f"knn density at {args.big}, same subset as exact", float(same), "share", target=0.9)
     return 0
 
 

@@ -1,6 +1,9 @@
 """GA model weights over many memory-mapped score files: wall time and peak memory, beside dense baselines.
 
-    python -m benchmarks.ensemble_bench [--models 128] [--images 50000] [--classes 1000]
+    python -m benchmarks.ensemble_bench [--scale small|full] [--models 128] [--images 50000] [--classes 1000]
+
+--scale full: 128 models x 50,000 images x 1,000 classes (12.8 GB), population 32, 30 generations;
+small: 16 x 5,000 x 100, population 16, 10 generations (seconds).
 
 Generates (once, cached under benchmarks/out/ensemble/) M run directories of N x C float16 softmax
 val scores with known structure: per-model strength and temperature (score distributions differ),
@@ -33,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import cpu_seconds, load, machine
+from benchmarks._common import cpu_seconds, load, machine, parse_scaled, result
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out" / "ensemble"
+SIZES = {"small": {"models": 16, "images": 5000, "classes": 100, "population": 16, "generations": 10},
+         "full": {"models": 128, "images": 50_000, "classes": 1000, "population": 32, "generations": 30}}
 
 
 def maxrss_mb() -> float:
@@ -202,18 +207,18 @@ def run_child(kind: str, args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=int, default=128)
-    p.add_argument("--images", type=int, default=50_000)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--population", type=int, default=32)
-    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--models", type=int, help="full: 128")
+    p.add_argument("--images", type=int, help="full: 50000")
+    p.add_argument("--classes", type=int, help="full: 1000")
+    p.add_argument("--population", type=int, help="full: 32")
+    p.add_argument("--generations", type=int, help="full: 30")
     p.add_argument("--candidates", type=int, default=10, help="per-model top-K of the reduced form")
     p.add_argument("--fraction", type=float, default=0.1, help="share of the fitted rows baseline B is timed on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["ga", "naive", "batched"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = parse_scaled(p, argv, SIZES)
     if a.child:
         print(json.dumps({"ga": child_ga, "naive": child_naive, "batched": child_batched}[a.child](a)))
         return 0
@@ -297,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * ga['reduced_fitness'][0][0]:.2f}, GA {100 * ga['last']['best_class_top5']:.2f}")
     print("ratio = baseline / wvdata GA; baselines extrapolated linearly from the measured part (A: x the GA's "
           f"distinct evaluations; B: x rows and generations). Wall times move with other jobs on these cores. {load()}")
+    what = f"GA weights, {a.models} models x {a.images} images x {a.classes} classes"
+    for (_, wall, _, _), label in zip(rows[1:], ("dense pass per candidate", "dense pass per generation")):
+        result("ensemble", f"{what}, time", rows[0][1], "s", baseline=f"{label} (extrapolated)", baseline_value=wall,
+               higher_is_better=False)
+    result("ensemble", f"{what}, peak memory", rows[0][3], "MB", baseline="dense pass per generation",
+           baseline_value=rows[2][3], higher_is_better=False)
+    result("ensemble", "GA ensemble, held-out class top-5", 100 * ga["ga"]["heldout_class_top5"], "%",
+           baseline="uniform average", baseline_value=100 * ga["average"]["heldout_class_top5"])
     return 0
 
 

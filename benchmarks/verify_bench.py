@@ -7,7 +7,9 @@ web-size JPEGs built with --resize-short 256), warm page cache.
 2. The torch loader, eval transform (decode + resize + centre crop 224, W workers), with and
    without `verify=True`: the overhead is one sha1 per image.
 
-    python -m benchmarks.verify_bench [--images N] [--workers W] [--rounds R]
+    python -m benchmarks.verify_bench [--scale small|full] [--images N] [--workers W] [--rounds R]
+
+--scale full: 2,000 images, best of 3 rounds; small: 800 images, best of 2.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import time
 from pathlib import Path
 
 from benchmarks import _common
-from benchmarks._common import cpu_seconds, load, read_all
+from benchmarks._common import cpu_seconds, load, parse_scaled, read_all, result
 from benchmarks.stream_bench import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results" / "verify-cpu.txt"
+SIZES = {"small": {"images": 800, "rounds": 2}, "full": {"images": 2000, "rounds": 3}}
 
 
 def timed(fn) -> tuple[float, float]:
@@ -32,10 +35,10 @@ def timed(fn) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, help="full: 2000")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="best of R rounds, rows interleaved")
-    args = p.parse_args(argv)
+    p.add_argument("--rounds", type=int, help="best of R rounds, rows interleaved (full: 3)")
+    args = parse_scaled(p, argv, SIZES)
     import wvdata
     from wvdata.verify import verify
 
@@ -86,7 +89,14 @@ def main(argv: list[str] | None = None) -> None:
                  f"({(on / off - 1) * 100:+.1f}% time per epoch)")
     text = "\n".join(lines)
     print(text)
-    RESULTS.write_text(text + "\n")
+    if args.scale == "full":
+        RESULTS.write_text(text + "\n")
+    result("verify", f"wvdata verify ({args.workers} processes)", n / v, "img/s", baseline="cat of the shards",
+           baseline_value=n / c)
+    result("verify", f"wvdata verify ({args.workers} processes) vs sha1 of the files", n / v, "img/s",
+           baseline="sha1 of every shard file", baseline_value=n / s)
+    result("verify", "loader eval epoch, verify=True", n / on, "img/s", baseline="verify=False",
+           baseline_value=n / off)
 
 
 if __name__ == "__main__":
