@@ -25,6 +25,7 @@ from _crawls import (
     write,
 )
 from wvdata import info
+from wvdata.build import chunk_size
 from wvdata.cli import main
 from wvdata.synth import DIGIT_NAMES, make_folder_crawl, make_webvision_crawl
 
@@ -150,6 +151,27 @@ def test_webvision_all_lists_and_plain_image_dirs(tmp_path):
         folder = {"train": "train_images", "val": "val_images", "test": "test_images"}[split]
         original = (tmp_path / "src" / folder / row["src_path"]).read_bytes()
         assert stored_image(tmp_path / "ds", row) == original and not row["reencoded"]
+
+
+def test_webvision_filelist_paths_with_spaces_and_unicode(tmp_path):
+    """WebVision 2.0 lists hold paths with spaces: in train and val the label is the last
+    field, the path everything before it; in the (label-free) test list the whole line."""
+    root = tmp_path / "src"
+    write(root / "info" / "synsets.txt", "".join(f"n{c:08d} class {c}\n" for c in range(20)).encode())
+    train = {"flickr/q0019/a.b.c d e.jpg": 18, "flickr/q0018/naïve café ☕.jpg": 17, "google/q0001/plain.jpg": 0}
+    for i, rel in enumerate(train):
+        write(root / rel, encode(crop("chelsea", 80, 60, seed=i)))
+    write(root / "info" / "train_filelist_all.txt", "".join(f"{p} {c}\n" for p, c in train.items()).encode())
+    write(root / "val_images" / "val 01 ☕.jpg", encode(crop("coffee", 80, 60)))
+    write(root / "info" / "val_filelist.txt", "val 01 ☕.jpg 3\n".encode())
+    write(root / "test_images" / "test a b.jpg", encode(crop("rocket", 80, 60)))
+    write(root / "info" / "test_filelist.txt", b"test a b.jpg\n")
+    quiet_build(root, tmp_path / "ds")
+    check_dataset(tmp_path / "ds")
+    assert errors(tmp_path / "ds").height == 0
+    got = {(r["split"], r["src_path"]): r["label"] for r in samples(tmp_path / "ds").to_dicts()}
+    assert got == {**{("train", p): c for p, c in train.items()}, ("val", "val 01 ☕.jpg"): 3,
+                   ("test", "test a b.jpg"): -1}
 
 
 # ---------------------------------------------------------------- folder and manifest
@@ -307,6 +329,26 @@ def test_same_input_and_options_give_identical_bytes(crawl, built, tmp_path):
     shutil.copytree(crawl.root, tmp_path / "moved")
     quiet_build(tmp_path / "moved", tmp_path / "from-moved", shard_samples=5)
     assert_same_tree(built, tmp_path / "from-moved")
+
+
+def test_one_shard_on_four_workers_equals_one_worker(tmp_path):
+    """The local pool splits a shard into chunks of images: a one-shard build (default shard
+    size) on 4 workers is the 1-worker build byte for byte, and every input is accounted for."""
+    src = tmp_path / "src"
+    make_folder_crawl(src, classes=3, train_per_class=15, sizes=SMALL_SIZES + ((400, 300),))
+    write(src / "zero" / "empty.jpg", b"")
+    write(src / "one" / "text.jpg", b"<html>404</html>\n")
+    write(src / "two" / "cut.jpg", encode(crop("coffee", 200, 150))[:900])
+    assert chunk_size(48, 4) < 48 // 4  # several chunks per worker, so chunks really are joined
+    one = quiet_build(src, tmp_path / "w1", resize_short=64, workers=1)
+    four = quiet_build(src, tmp_path / "w4", resize_short=64, workers=4)
+    assert one.shards == four.shards == 1
+    assert_same_tree(tmp_path / "w1", tmp_path / "w4")  # tar, idx, samples/errors.parquet, dataset.json
+    frames = check_dataset(tmp_path / "w4")
+    listed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    built = frames["train"]["src_path"].to_list() + errors(tmp_path / "w4")["src_path"].to_list()
+    assert sorted(built) == listed and len(built) == 48
+    assert set(errors(tmp_path / "w4")["reason"]) == {"empty file", "not an image", "truncated image"}
 
 
 def test_seed_changes_the_shard_assignment_only(crawl, built, tmp_path):

@@ -37,7 +37,7 @@ def reference(crawl, tmp_path_factory):
     return out
 
 
-def _killed_build(src: Path, out: Path, ready, attempts: int = 5) -> None:
+def _killed_build(src: Path, out: Path, ready, attempts: int = 5, opts: list[str] = OPTS) -> None:
     """Run `wvdata build` in a subprocess and SIGKILL it as soon as `ready()` holds.
 
     When the build ends before `ready()` is seen (a busy machine can stall this poll), the
@@ -45,7 +45,7 @@ def _killed_build(src: Path, out: Path, ready, attempts: int = 5) -> None:
     """
     for _ in range(attempts):
         proc = subprocess.Popen([sys.executable, "-m", "wvdata.cli", "build", str(src), "-o", str(out)]
-                                + OPTS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                + opts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         try:
             while not ready() and proc.poll() is None:
@@ -96,6 +96,29 @@ def test_kill_then_resume_is_byte_identical(crawl, reference, tmp_path, point, c
     done = int(printed.split(" already complete")[0].rsplit("(", 1)[1])
     least = {"half-way": 5, "in-val": 12}.get(point, 0)
     assert least <= done <= 22  # complete shards were not redone
+
+
+ONE_SHARD = ["--resize-short", "64", "-q"]  # default shard size: one shard per split
+
+
+def test_kill_mid_chunk_of_a_one_shard_build_then_resume(crawl, tmp_path):
+    """The local pool joins a shard from chunks of images as they come back: killed while the
+    shard's tar is half appended (some chunks in, others in flight), the resumed build, on
+    another number of workers, is byte-identical to an uninterrupted 1-worker build."""
+    reference = tmp_path / "ref"
+    quiet_build(crawl.root, reference, resize_short=64)
+    assert [len(s["shards"]) for s in manifest(reference)["splits"].values()] == [1, 1, 1]
+    out = tmp_path / "ds"
+    for _ in range(5):  # a busy machine can stall the poll past the shard's end: then again
+        _killed_build(crawl.root, out, lambda: _files(out, "train/shard-000000.tar.tmp-*") > 0,
+                      opts=ONE_SHARD + ["--workers", "2"])
+        if not (out / "train" / "shard-000000.tar").exists():
+            break  # cut short inside the shard
+        shutil.rmtree(out)
+    else:
+        pytest.fail("the shard was always complete before the kill")
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume", "--workers", "3"] + ONE_SHARD) == 0
+    assert_same_tree(reference, out)
 
 
 def test_leftovers_of_a_kill_inside_a_write_are_not_kept(crawl, reference, tmp_path):

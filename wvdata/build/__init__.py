@@ -1,10 +1,12 @@
 """`wvdata build`: raw crawl -> immutable WebDataset shards, DALI indexes and sample tables.
 
-Each shard is one task on the task runner (local process pool or Ray; `shards`). A shard's
-outputs are renamed into place only when complete, and its part tables last, so
-`resume=True` after a kill at any point redoes just the unfinished shards and gives
-byte-identical output. Modules: `layouts` (reading a crawl), `image` (normalising one image),
-`tar` (tar and `.idx` writing), `options` (the options, declared once), `shards` (one task).
+The local process pool works on chunks of images (a one-shard build uses every worker; one
+writer here joins each shard's chunks in order); a Ray task is one whole shard. Either way the
+output bytes depend only on the input and the options. A shard's outputs are renamed into
+place only when complete, and its part tables last, so `resume=True` after a kill at any point
+redoes just the unfinished shards and gives byte-identical output. Modules: `layouts` (reading
+a crawl), `image` (normalising one image), `tar` (tar and `.idx` writing), `options` (the
+options, declared once), `shards` (planning, chunks, the writer of a shard).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,17 +26,28 @@ import polars as pl
 
 from .._args import add_options, options_from, positive_int
 from ..dataset import FORMAT_NAME, FORMAT_VERSION
-from ..engine import ENGINES, check_engine, run_tasks
+from ..engine import ENGINES, check_engine, default_workers, run_tasks
 from ..lock import LOCK_NAME, dataset_lock
 from .image import load_torch
 from .layouts import SPLITS, scan
 from .options import DEFAULT_SHARD_BYTES, SAMPLE_OVERHEAD, BuildOptions
-from .shards import WORK_DIR, ShardTask, part_paths, plan_shards, run_shard, shard_done
+from .shards import (
+    WORK_DIR,
+    ShardSink,
+    ShardTask,
+    encode_chunk,
+    part_paths,
+    plan_shards,
+    run_shard,
+    shard_done,
+    split_chunks,
+)
 from .tar import write_atomic
 
 __all__ = ["build", "BuildOptions", "BuildSummary", "format_summary", "add_cli", "DEFAULT_SHARD_BYTES",
            "SAMPLE_OVERHEAD"]
 
+CHUNK_MAX = 32  # images per chunk of the local pool, at most
 SAMPLE_SCHEMA = {
     "key": pl.String, "split": pl.String, "shard": pl.String, "label": pl.Int64,
     "class_name": pl.String, "source": pl.String, "query": pl.String, "src_path": pl.String,
@@ -127,15 +141,41 @@ def _build_locked(src: str, out: str, opts: BuildOptions, inputs, contain: str |
     todo = [t for t in tasks if not (resume and shard_done(t))]
     summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo),
                            processed=sum(len(t.rows) for t in todo))
-    resizing = opts.resize_short or opts.max_side
-    for _ in run_tasks(run_shard, todo, weights=[len(t.rows) for t in todo], engine=engine,
-                       workers=workers, desc="build", progress=progress, ticks=True,
-                       warmup=load_torch if resizing else None):
-        pass
+    warmup = load_torch if opts.resize_short or opts.max_side else None
+    if engine == "ray":  # a Ray task is a whole shard
+        for _ in run_tasks(run_shard, todo, weights=[len(t.rows) for t in todo], engine=engine,
+                           desc="build", progress=progress, ticks=True, warmup=warmup):
+            pass
+    else:
+        _run_chunks(todo, workers or default_workers(), progress, warmup)
     _finalize(out, src, opts, inputs, tasks, splits_present, summary)
     _remove_work(work)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def chunk_size(images: int, workers: int) -> int:
+    """Images per chunk: about 8 chunks per worker, so that even a one-shard build keeps every
+    worker busy to the end, and at most CHUNK_MAX (a chunk's output travels back in one piece)."""
+    return max(1, min(CHUNK_MAX, -(-images // (8 * workers))))
+
+
+def _run_chunks(todo: list[ShardTask], workers: int, progress: bool, warmup) -> None:
+    """The local pool: chunks of images from every shard, in shard order, each shard joined
+    by one writer here as its chunks come back (its outputs byte-identical whatever the
+    chunking, since tar fragments join exactly)."""
+    size = chunk_size(sum(len(t.rows) for t in todo), workers)
+    chunks = [c for i, t in enumerate(todo) for c in split_chunks(i, t, size)]
+    counts = Counter(c.shard for c in chunks)
+    sinks: dict[int, ShardSink] = {}
+    for chunk in run_tasks(encode_chunk, chunks, weights=[len(c.rows) for c in chunks], workers=workers,
+                           desc="build", progress=progress, ticks=True, warmup=warmup):
+        sink = sinks.get(chunk.shard)
+        if sink is None:
+            sink = sinks[chunk.shard] = ShardSink(todo[chunk.shard], counts[chunk.shard])
+        if sink.add(chunk):
+            del sinks[chunk.shard]
+    assert not sinks, "a shard was left unfinished"
 
 
 def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:

@@ -1,13 +1,12 @@
-"""One shard of a build: its planned inputs in, tar + `.idx` + part tables out.
+"""Shards of a build: planning, encoding chunks of images, and the one writer of each shard.
 
-Runs in a worker (local process or Ray task), so it never calls polars (see wvdata.engine).
-A shard's outputs are renamed into place only when complete, its part tables last: they are
-the completion marker that `--resume` checks.
+`encode_chunk` runs in a worker (local process, or inside a Ray task's `run_shard`), so it
+never calls polars (see wvdata.engine). A shard's outputs are renamed into place only when
+complete, its part tables last: they are the completion marker that `--resume` checks.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -19,7 +18,7 @@ from .. import engine
 from .image import ImageOptions, ImageRejected, process_image
 from .layouts import InputRow
 from .options import SAMPLE_OVERHEAD, BuildOptions
-from .tar import ShardWriter, format_idx, idx_line, write_atomic
+from .tar import Member, TarFragment, format_idx, idx_line, tar_end, write_atomic
 
 WORK_DIR = ".build"
 
@@ -80,10 +79,10 @@ def read_input(path: str, contain: str | None, limit: int) -> bytes:
         os.close(fd)
 
 
-def _sample_json(row: InputRow, task: ShardTask) -> bytes:
+def _sample_json(row: InputRow, class_name: str) -> bytes:
     doc = dict(row.extra)  # extra manifest columns never override the fields below
     doc.update({"key": row.key, "src_path": row.src_path, "source": row.source,
-                "label": row.label, "class_name": task.classes[row.label] if row.label >= 0 else "",
+                "label": row.label, "class_name": class_name,
                 "query": row.query, "query_text": row.query_text, "meta": row.meta})
     doc.pop("meta_error", None)
     if row.meta_error:
@@ -102,30 +101,57 @@ def shard_done(task: ShardTask) -> bool:
     return os.path.exists(part_paths(task.out, task.split, task.name)[1])
 
 
-def run_shard(task: ShardTask) -> tuple[int, int]:
-    """Process one shard's inputs; write tar, idx and part tables; return (samples, errors)."""
-    split_dir = os.path.join(task.out, task.split)
-    tar_path = os.path.join(split_dir, f"{task.name}.tar")
-    buf = io.BytesIO()
-    writer = ShardWriter(buf)
-    samples, errors, lines = [], [], []
+@dataclass
+class ChunkTask:
+    """Consecutive rows of one shard: the local pool's unit of work (`encode_chunk`)."""
+
+    shard: int  # the shard's number in the build's task list
+    index: int  # the chunk's place in its shard
+    split: str
+    rows: list[InputRow]
+    class_names: list[str]  # of each row ("" when unlabelled)
+    image: ImageOptions
+    contain: str | None = None
+
+
+@dataclass
+class Chunk:
+    """A chunk's output: tar members (offsets within `data`), sample rows and error rows."""
+
+    shard: int
+    index: int
+    data: bytes
+    lines: list[list[Member]]  # per stored sample, its members (jpg, cls, json)
+    samples: list[dict]  # offsets within `data`, shifted when the shard is joined
+    errors: list[dict]
+
+
+def split_chunks(shard: int, task: ShardTask, size: int) -> list[ChunkTask]:
+    """A shard's rows as chunks of `size` (the last one shorter)."""
+    names = [task.classes[r.label] if r.label >= 0 else "" for r in task.rows]
+    return [ChunkTask(shard, i // size, task.split, task.rows[i:i + size], names[i:i + size], task.image,
+                      task.contain) for i in range(0, max(len(task.rows), 1), size)]
+
+
+def encode_chunk(task: ChunkTask) -> Chunk:
+    """Read, check and normalise a chunk's images into a tar fragment (runs in a worker)."""
+    frag = TarFragment()
+    lines, samples, errors = [], [], []
     limit = max_input_bytes(task.image.max_pixels)
-    for i, row in enumerate(task.rows):
+    for i, (row, class_name) in enumerate(zip(task.rows, task.class_names)):
         try:
             img = process_image(read_input(row.path, task.contain, limit), task.image)
         except ImageRejected as e:
             errors.append({"split": task.split, "src_path": row.src_path, "reason": e.reason,
                            "detail": e.detail})
         else:
-            label_text = str(row.label).encode()
-            members = writer.write(row.key, [("jpg", img.data), ("cls", label_text),
-                                             ("json", _sample_json(row, task))])
-            lines.append(idx_line(members))
+            members = frag.write(row.key, [("jpg", img.data), ("cls", str(row.label).encode()),
+                                           ("json", _sample_json(row, class_name))])
+            lines.append(members)
             jpg = members[0]
             samples.append({
-                "key": row.key, "split": task.split, "shard": task.name, "label": row.label,
-                "class_name": task.classes[row.label] if row.label >= 0 else "",
-                "source": row.source, "query": row.query, "src_path": row.src_path,
+                "key": row.key, "split": task.split, "shard": "", "label": row.label,
+                "class_name": class_name, "source": row.source, "query": row.query, "src_path": row.src_path,
                 "width": img.width, "height": img.height, "bytes": jpg.size,
                 "sha1": hashlib.sha1(img.data).hexdigest(), "offset": jpg.header_offset,
                 "data_offset": jpg.offset, "reencoded": img.reencoded, "trailer_bytes": img.trailer_bytes,
@@ -136,16 +162,80 @@ def run_shard(task: ShardTask) -> tuple[int, int]:
         if (i + 1) % 16 == 0:
             engine.tick(16)
     engine.tick(len(task.rows) % 16)
-    writer.close()
-    os.makedirs(split_dir, exist_ok=True)
-    if samples:  # tar and index first, the part tables (the completion marker) last
-        write_atomic(tar_path, buf.getvalue())
-        write_atomic(os.path.join(split_dir, f"{task.name}.idx"), format_idx(lines))
-    err_path, smp_path = part_paths(task.out, task.split, task.name)
-    os.makedirs(os.path.dirname(err_path), exist_ok=True)
-    write_atomic(err_path, json.dumps(errors))
-    write_atomic(smp_path, json.dumps(samples))
-    return len(samples), len(errors)
+    return Chunk(task.shard, task.index, frag.getvalue(), lines, samples, errors)
+
+
+class ShardSink:
+    """The one writer of a shard: takes its chunks in any order, appends them in order to the
+    tar under a temporary name, and when all are in renames tar and `.idx` into place and
+    writes the part tables (the completion marker) last."""
+
+    def __init__(self, task: ShardTask, chunks: int):
+        self.task, self.left = task, chunks
+        self._next, self._waiting = 0, {}
+        self._size = 0
+        self._file = None
+        self._lines: list[str] = []
+        self._samples: list[dict] = []
+        self._errors: list[dict] = []
+        split_dir = os.path.join(task.out, task.split)
+        self._tar = os.path.join(split_dir, f"{task.name}.tar")
+        self._tmp = f"{self._tar}.tmp-{os.getpid()}"
+
+    def add(self, chunk: Chunk) -> bool:
+        """Take one chunk; True when it was the shard's last (the shard is then written)."""
+        self._waiting[chunk.index] = chunk
+        while self._next in self._waiting:
+            self._append(self._waiting.pop(self._next))
+            self._next += 1
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+        return self.left == 0
+
+    def _append(self, chunk: Chunk) -> None:
+        base = self._size
+        if chunk.data:
+            if self._file is None:
+                os.makedirs(os.path.dirname(self._tar), exist_ok=True)
+                self._file = open(self._tmp, "wb")
+            self._file.write(chunk.data)
+            self._size += len(chunk.data)
+        self._lines += [idx_line(m.shifted(base) for m in members) for members in chunk.lines]
+        for row in chunk.samples:
+            row["shard"] = self.task.name
+            row["offset"] += base
+            row["data_offset"] += base
+        self._samples += chunk.samples
+        self._errors += chunk.errors
+
+    def _finish(self) -> None:
+        task = self.task
+        if self._file is not None:  # tar and index first, the part tables last
+            with self._file as f:
+                f.write(tar_end(self._size))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._tmp, self._tar)
+            write_atomic(os.path.join(task.out, task.split, f"{task.name}.idx"), format_idx(self._lines))
+        else:
+            os.makedirs(os.path.join(task.out, task.split), exist_ok=True)
+        err_path, smp_path = part_paths(task.out, task.split, task.name)
+        os.makedirs(os.path.dirname(err_path), exist_ok=True)
+        write_atomic(err_path, json.dumps(self._errors))
+        write_atomic(smp_path, json.dumps(self._samples))
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return len(self._samples), len(self._errors)
+
+
+def run_shard(task: ShardTask) -> tuple[int, int]:
+    """One whole shard in one task (a Ray task): its rows as one chunk, then the shard written.
+    Gives the same bytes as the local pool's chunks (tar fragments join exactly)."""
+    sink = ShardSink(task, 1)
+    sink.add(encode_chunk(split_chunks(0, task, max(len(task.rows), 1))[0]))
+    return sink.counts
 
 
 def plan_shards(rows: Sequence[InputRow], opts: BuildOptions) -> list[list[InputRow]]:

@@ -1,17 +1,21 @@
 """Deterministic WebDataset tar writing and the DALI `.idx` (wds2idx v1.2) text format.
 
-Tar members get fixed mtime/uid/gid/mode so the same input gives byte-identical shards.
+Tar members get fixed mtime/uid/gid/mode so the same input gives byte-identical shards. A tar
+is a sequence of 512-byte-aligned members whose headers hold no offsets, so a shard can be
+written as fragments made independently (one per chunk of images, in any process) and joined
+in order: `TarFragment` makes one, `tar_end` closes the joined stream exactly as `tarfile` does.
 """
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 IDX_VERSION = "v1.2"
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_ENCODING = "utf-8"  # what tarfile.open uses on Linux, with surrogateescape
 
 
 @dataclass(frozen=True)
@@ -27,41 +31,54 @@ class Member:
     name: str
     header_offset: int = -1
 
+    def shifted(self, base: int) -> Member:
+        """The same member in a stream where this one's fragment starts at `base`."""
+        return Member(self.ext, self.offset + base, self.size, self.name, self.header_offset + base)
 
-class ShardWriter:
-    """Write samples (key -> {ext: bytes}) to a tar and remember each member's offset."""
 
-    def __init__(self, fileobj: BinaryIO):
-        self._f = fileobj
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
-        self.samples: list[tuple[str, list[Member]]] = []
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, _ENCODING, "surrogateescape")
+
+
+class TarFragment:
+    """Tar members (no end-of-archive blocks) in memory, with each member's offsets within it."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
 
     def write(self, key: str, parts: Sequence[tuple[str, bytes]]) -> list[Member]:
         members = []
         for ext, data in parts:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            header = self._f.tell()
-            self._tar.addfile(info, io.BytesIO(data))
-            data_offset = self._f.tell() - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            members.append(Member(ext, data_offset, len(data), name, header))
-        self.samples.append((key, members))
+            header = _header(name, len(data))
+            pad = -len(data) % _BLOCK
+            start = self.size
+            self._parts += [header, data, b"\0" * pad] if pad else [header, data]
+            self.size += len(header) + len(data) + pad
+            members.append(Member(ext, start + len(header), len(data), name, start))
         return members
 
-    def close(self) -> None:
-        self._tar.close()
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def tar_end(size: int) -> bytes:
+    """What closes a tar whose members take `size` bytes: two zero blocks, then zeros up to a
+    whole record (tarfile's 20 blocks), as `tarfile.TarFile.close` writes."""
+    end = 2 * _BLOCK
+    return b"\0" * (end + (-(size + end) % _RECORD))
 
 
 def idx_line(members: Iterable[Member]) -> str:
     """One sample's line of a wds2idx v1.2 index: `ext offset size name` per member."""
     return " ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in members)
-
-
 def format_idx(lines: Sequence[str]) -> str:
     """The whole index text for the given sample lines (in the order they are read)."""
     return f"{IDX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
