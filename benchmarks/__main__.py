@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_after": load().removeprefix("load average ")}
     _report.write(out, rows, modules, meta)
     failed = [m["name"] for m in modules if m["status"] == "failed"]
+    failed += sorted({r["bench"] for r in rows if r.get("status") == "failed"} - set(failed))
     print(f"\n{out / 'results.md'}:\n" + (out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, ratios.png and one NAME.txt per module"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -104,3 +104,15 @@ def versions(dists: Iterable[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[d] = "not installed"
     return out
+
+
+def failed(bench: str, figure: str, error: BaseException | str) -> dict:
+    """A figure that could not be measured, as a `RESULT` line the runner reports as failed (the
+    benchmark goes on with its other rows)."""
+    import json
+
+    msg = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    lines = [s for s in msg.strip().splitlines() if s.strip()]
+    row = {"bench": bench, "figure": figure, "value": None, "status": "failed", "error": (lines or [""])[-1][:300]}
+    print("RESULT " + json.dumps(row), flush=True)
+    return row

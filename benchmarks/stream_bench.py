@@ -263,10 +263,11 @@ def main(argv: list[str] | None = None) -> None:
             return timed(synced() if sync else it, w)
         return run
     rows: list[Row] = [("webdataset", epoch_of(base)), ("torch", epoch_of(ld))]
-    if not args.no_dali:
-        rows.append(("dali cpu", epoch_of(dali_loader(ds, w, gpu=False))))
-        if gpu:
-            rows.append(("dali mixed", epoch_of(dali_loader(ds, w, gpu=True), sync=True)))
+    for name, on_gpu in [] if args.no_dali else [("dali cpu", False)] + [("dali mixed", True)] * gpu:
+        try:
+            rows.append((name, epoch_of(dali_loader(ds, w, gpu=on_gpu), sync=on_gpu)))
+        except Exception as e:  # a backend failing leaves the other rows standing
+            _common.failed("stream", f"decode+RRC+RandAugment, {name}", e)
     rows += [(name, epoch_of(it)) for name, it in peers]
 
     wall: dict[str, float] = {}
@@ -276,8 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     for e in range(args.epochs):
         for group, tries in ((raw, args.raw_tries), (rows, 1)):
             for _ in range(tries):
-                for name, run in group:
-                    k, sec, total, c = run(e + 1)
+                for name, run in list(group):
+                    try:
+                        k, sec, total, c = run(e + 1)
+                    except Exception as err:
+                        _common.failed("stream", f"decode+RRC+RandAugment, {name}", err)
+                        group.remove((name, run))
+                        continue
                     wall[name] = max(wall.get(name, 0.0), k / sec)
                     spread.setdefault(name, []).append(k / sec)
                     cpu[name] = min(cpu.get(name, float("inf")), c / total * 1e3)

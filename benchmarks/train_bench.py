@@ -1,15 +1,16 @@
 """Training images/sec per loader backend: the real loop (`trainer.train`), one epoch each.
 
-    python -m benchmarks.train_bench [--models test_resnet,resnet18] [--entries 512]
+    python -m benchmarks.train_bench [--scale small|full] [--models test_resnet,resnet18] [--entries 512]
 
-Each row runs `python -m trainer.train` on a view of the streaming benchmark's dataset (2,000
-web-size JPEGs built with --resize-short 256) at 224 px, RandAugment(2, 9), and reads the
-epoch's images/sec from the run's metrics.jsonl, so the figure is what a user's run reports.
-The "synthetic" row times the same model step on random tensors: the ceiling that the loader
-rows approach when the model, not the data, is the bottleneck. On a GPU (not lent to every
-session) it adds resnet50, bf16, channels_last, batch 256, DALI mixed vs torch, next to the
-published anchors (DALI ~2,470 img/s RN50 AMP on one A100; timm ~1,200 img/s NHWC AMP on an
-RTX 3090).
+Each row runs `python -m trainer.train` on a view of the streaming benchmark's dataset (web-size
+JPEGs built with --resize-short 256) at 224 px, RandAugment(2, 9), and reads the epoch's
+images/sec from the run's metrics.jsonl, so the figure is what a user's run reports. The
+"synthetic" row times the same model step on random tensors: the ceiling that the loader rows
+approach when the model, not the data, is the bottleneck. The GPU rows (resnet50, bf16,
+channels_last, batch 256, DALI mixed vs torch) are in benchmarks/gpu_bench.py.
+
+--scale full: test_resnet and resnet18, 512 images an epoch, the 2,000-image dataset; small:
+test_resnet, 256 images, the 800-image dataset of stream_bench's small scale.
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import load
+from benchmarks._common import failed, load, parse_scaled, result
 from benchmarks.stream_bench import OUT, machine, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"small": {"models": "test_resnet", "entries": 256, "images": 800},
+         "full": {"models": "test_resnet,resnet18", "entries": 512, "images": 2000}}
 
 
 def synthetic(model_name: str, batch: int, size: int, steps: int, device: str) -> float:
@@ -74,41 +77,48 @@ def main(argv: list[str] | None = None) -> None:
     import wvdata
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="test_resnet,resnet18")
-    p.add_argument("--entries", type=int, default=512, help="samples per benchmark epoch")
+    p.add_argument("--models", help="comma-separated timm models (full: test_resnet,resnet18)")
+    p.add_argument("--entries", type=int, help="samples per benchmark epoch (full: 512)")
+    p.add_argument("--images", type=int, help="size of the stream benchmark's dataset to use (full: 2000)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default=str(OUT.parent / "results" / "train-cpu.txt"))
-    args = p.parse_args(argv)
-    ds = prepare(2000, 250, args.workers)
+    p.add_argument("--out", help="text copy of the output (default: results/train-cpu.txt at --scale full)")
+    args = parse_scaled(p, argv, SIZES)
+    ds = prepare(args.images, 250, args.workers)
     keys = wvdata.open_dataset(ds).samples("train")["key"][: args.entries]
     wvdata.views.write_view(ds, f"bench{args.entries}", keys.to_list())
-    gpu = torch.cuda.is_available()
-    lines = machine() + [f"{load()}; {args.entries} images per epoch, batch {args.batch_size}, "
+    lines = machine() + [f"{load()}; {len(keys)} images per epoch, batch {args.batch_size}, "
                          f"224 px, RandAugment(2, 9), loader workers {args.workers}"]
     print("\n".join(lines), flush=True)
     header = f"{'model':<12} {'loader':<22} {'images/s':>9} {'vs synthetic':>13}"
     lines += [header]
     print(header, flush=True)
-    runs = [(m, args.batch_size) for m in args.models.split(",")]
-    if gpu:
-        runs.append(("resnet50", 256))
-    for model, batch in runs:
-        ceiling = synthetic(model, batch, 224, 5, "cuda" if gpu else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for model in args.models.split(","):
+        ceiling = synthetic(model, args.batch_size, 224, 5, device)
         rows = [("synthetic (no loader)", ceiling)]
         for backend in ("torch", "dali"):
-            name = f"{backend} ({'mixed' if backend == 'dali' and gpu else 'cpu' if backend == 'dali' else 'PIL'})"
-            rows.append((name, trainer_run(ds, f"bench{args.entries}", model, backend, batch, 224, args.workers)))
+            name = f"{backend} ({'PIL' if backend == 'torch' else 'mixed' if device == 'cuda' else 'cpu'})"
+            figure = f"trainer images/s, {model}, {name} loader"
+            try:
+                rate = trainer_run(ds, f"bench{args.entries}", model, backend, args.batch_size, 224, args.workers)
+            except RuntimeError as e:  # one loader failing leaves the other rows standing
+                failed("train", figure, e)
+                rows.append((name, float("nan")))
+                continue
+            rows.append((name, rate))
+            result("train", figure, rate, "img/s", baseline="synthetic data (no loader)", baseline_value=ceiling)
         for name, rate in rows:
             line = f"{model:<12} {name:<22} {rate:>9.1f} {rate / ceiling:>12.2f}x"
             lines.append(line)
             print(line, flush=True)
-    if not gpu:
-        lines.append("GPU rows (resnet50 bf16 channels_last batch 256, DALI mixed vs torch): skipped, no GPU")
+    lines.append("GPU rows (resnet50 bf16 channels_last batch 256, DALI mixed vs torch): benchmarks/gpu_bench.py")
     lines.append(load())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(lines[-1])
+    out = args.out or (str(OUT.parent / "results" / "train-cpu.txt") if args.scale == "full" else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-2:]))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OK = """
 import argparse
-from benchmarks._common import parse_scaled, result
+from benchmarks._common import failed, parse_scaled, result
 
 def main(argv=None):
     p = argparse.ArgumentParser()
@@ -26,6 +26,7 @@ def main(argv=None):
     result("ok", "rate", 300.0 * a.n, "img/s", baseline="peer", baseline_value=100.0 * a.n, target=2.0)
     result("ok", "time", 2.0, "s", baseline="slow peer", baseline_value=5.0, higher_is_better=False, target=3.0)
     result("ok", "share", 0.95, "", target=0.9)
+    failed("ok", "other loader", RuntimeError("trainer failed\\nValueError: no such loader"))
 
 if __name__ == "__main__":
     main()
@@ -65,6 +66,8 @@ def test_runner_reports_results_failures_and_missing_modules(tmp_path):
     time_row = rows[("ok", "time")]
     assert time_row["ratio"] == 2.5 and time_row["met"] is False  # lower is better: 5 s / 2 s, below 3x
     assert rows[("ok", "share")]["met"] is True and "ratio" not in rows[("ok", "share")]
+    assert rows[("ok", "other loader")]["status"] == "failed"  # one figure failing, the module going on
+    assert rows[("ok", "other loader")]["error"] == "ValueError: no such loader"
     assert rows[("bad", "half done")]["ratio"] == 4.0  # rows printed before a failure are kept
     assert "boom: the disk is full" in rows[("bad_bench", "(failed)")]["error"]
     assert "timed out" in rows[("hang_bench", "(failed)")]["error"]
@@ -74,6 +77,7 @@ def test_runner_reports_results_failures_and_missing_modules(tmp_path):
     assert "| ok | rate | 3,000 img/s | peer: 1,000 img/s | 3.00x | >= 2x | yes |" in md
     assert "| ok | time | 2 s | slow peer: 5 s | 2.50x | >= 3x | **no** |" in md
     assert "FAILED" in md and "boom" in md and "MISSING" in md
+    assert "| ok | other loader: ValueError: no such loader | - | - | - | - | FAILED |" in md
     assert "ok bench at n=10" in (out / "ok_bench.txt").read_text()
     assert "hang bench starting" in (out / "hang_bench.txt").read_text()
     with Image.open(out / "ratios.png") as im:
