@@ -19,6 +19,7 @@ import numpy as np
 from . import _link
 
 _MAX_B = 16  # substrings up to 16 bits: the bucket offsets of a table fit in L2 cache
+_CHUNKS, _CAP = 256, 4096  # one-pass search: query-group chunks, pairs each may write
 
 
 def params(n: int, radius: int) -> tuple[int, int, int]:
@@ -91,7 +92,45 @@ def _kernels():
                             found += 1
             if not fill:
                 starts[k] = found
-    return search
+
+    @njit(parallel=True, cache=True)
+    def search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
+                    counts, out_q, out_i, out_d, cap):
+        """One pass of `search`: query groups in counts.shape[0] chunks, chunk c writing up to
+        cap pairs at [c * cap, ...) and its full count to counts[c] (more than cap: redo)."""
+        keymask = np.uint64((1 << b) - 1)
+        ngroups = q_off.shape[0] - 1
+        nch = counts.shape[0]
+        per = (ngroups + nch - 1) // nch
+        for c in prange(nch):
+            found = 0
+            at = c * cap
+            for k in range(c * per, min(ngroups, (c + 1) * per)):
+                q0, q1 = q_off[k], q_off[k + 1]
+                if q0 == q1:
+                    continue
+                for m in masks:
+                    kk = np.int64(np.uint64(k) ^ m)
+                    for s in range(b_off[kk], b_off[kk + 1]):
+                        c0 = b_sorted[s]
+                        for r in range(q0, q1):
+                            x = q_sorted[r] ^ c0
+                            d = popcount(x)
+                            if d > radius:
+                                continue
+                            first = True
+                            for u in range(t):
+                                if popcount((x >> np.uint64(u * b)) & keymask) <= nflip:
+                                    first = False
+                                    break
+                            if first:
+                                if found < cap:
+                                    out_q[at + found] = q_ids[r]
+                                    out_i[at + found] = b_ids[s]
+                                    out_d[at + found] = d
+                                found += 1
+            counts[c] = found
+    return search, search_once
 
 
 _SEARCH = None
@@ -117,6 +156,7 @@ def range_search(base: np.ndarray, queries: np.ndarray, radius: int) -> tuple[np
     global _SEARCH
     if _SEARCH is None:
         _SEARCH = _kernels()
+    search, once = _SEARCH
     b64 = np.ascontiguousarray(base, dtype=np.uint8).view("<u8").ravel()
     q64 = np.ascontiguousarray(queries, dtype=np.uint8).view("<u8").ravel()
     nhash, b, nflip = params(len(b64), radius)
@@ -125,13 +165,21 @@ def range_search(base: np.ndarray, queries: np.ndarray, radius: int) -> tuple[np
     for t in range(nhash):
         bs, bi, bo = _table(b64, t, b)
         qs, qi, qo = _table(q64, t, b)
-        counts = np.zeros(len(qo) - 1, np.int64)
+        counts = np.zeros(_CHUNKS, np.int64)
+        out_q, out_i = np.empty(_CHUNKS * _CAP, np.int64), np.empty(_CHUNKS * _CAP, np.int64)
+        out_d = np.empty(_CHUNKS * _CAP, np.int32)
+        once(t, qs, qi, qo, bs, bi, bo, masks, b, nflip, radius, counts, out_q, out_i, out_d, _CAP)
+        if counts.max() <= _CAP:  # the usual case: one pass
+            keep = (np.arange(_CAP)[None, :] < counts[:, None]).ravel()
+            parts.append((out_q[keep], out_i[keep], out_d[keep]))
+            continue
+        counts = np.zeros(len(qo) - 1, np.int64)  # many pairs: count per group, then fill
         none_i, none_d = np.zeros(0, np.int64), np.zeros(0, np.int32)
-        _SEARCH(t, qs, qi, qo, bs, bi, bo, masks, b, nflip, radius, counts, none_i, none_i, none_d, False)
+        search(t, qs, qi, qo, bs, bi, bo, masks, b, nflip, radius, counts, none_i, none_i, none_d, False)
         starts = np.zeros(len(counts), np.int64)
         starts[1:] = np.cumsum(counts)[:-1]
         total = int(counts.sum())
         out_q, out_i, out_d = np.zeros(total, np.int64), np.zeros(total, np.int64), np.zeros(total, np.int32)
-        _SEARCH(t, qs, qi, qo, bs, bi, bo, masks, b, nflip, radius, starts, out_q, out_i, out_d, True)
+        search(t, qs, qi, qo, bs, bi, bo, masks, b, nflip, radius, starts, out_q, out_i, out_d, True)
         parts.append((out_q, out_i, out_d))
     return tuple(np.concatenate([p[j] for p in parts]).astype(np.int64) for j in range(3))
