@@ -1,7 +1,9 @@
 """AUM costs: (a) the trainer's `--aum` overhead per training step; (b) `wvdata aum` at WebVision 2.0
 scale (16,000,000 samples x 30 epochs of margins) beside the obvious polars group-by.
 
-    python -m benchmarks.aum_bench [--parts a,b] [--samples 16000000] [--epochs 30] [--keep]
+    python -m benchmarks.aum_bench [--scale small|full] [--parts a,b] [--samples 16000000] [--epochs 30] [--keep]
+
+--scale full: the sizes below; small: (a) 2 epochs x 1 run each, (b) 300,000 samples x 8 epochs.
 
 (a) runs the real trainer (`python -m trainer.train`, test_resnet at 64 px, batch 32, one torch thread)
 on the noisy digits (built once under benchmarks/out/) without and with `--aum`, alternating, and
@@ -35,11 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import cpu_seconds, load, machine
+from benchmarks._common import cpu_seconds, load, machine, parse_scaled, result
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 CLASSES = 5000
+SIZES = {"small": {"samples": 300_000, "epochs": 8, "join_epochs": 2, "baseline_samples": 300_000, "train_epochs": 2,
+                   "train_reps": 1},
+         "full": {"samples": 16_000_000, "epochs": 30, "join_epochs": 5, "baseline_samples": 2_000_000,
+                  "train_epochs": 4, "train_reps": 3}}
 
 
 # ---------------------------------------------------------------- (a) trainer overhead
@@ -120,6 +126,11 @@ def bench_trainer(epochs: int, workers: int, reps: int) -> list[str]:
              f"without {fmt(cpu[False])}; with {fmt(cpu[True])}",
              f"  ratio of medians with/without: {cpu_ratio:.3f} (overhead {100 * (cpu_ratio - 1):+.1f}%; "
              "target <= 3%)"]
+    result("aum", "trainer --aum, CPU seconds per run", statistics.median(cpu[True]), "CPU s",
+           baseline="trainer without --aum", baseline_value=statistics.median(cpu[False]), higher_is_better=False,
+           target=1 / 1.03)  # overhead <= 3%
+    result("aum", "trainer --aum, images/s (wall)", statistics.median(rate[True]), "img/s",
+           baseline="trainer without --aum", baseline_value=statistics.median(rate[False]))
     step_ms = 32 / statistics.median(rate[False]) * 1e3
     small = accumulator_us(32, 10, n)
     big = accumulator_us(256, CLASSES, 16_000_000, repeat=50)
@@ -258,9 +269,15 @@ def bench_scale(n: int, epochs: int, join_epochs: int, small: int, keep: bool) -
     sb = OUT / f"aum-{small}x{epochs}"
     fresh("--generate", sb, small, epochs, 0)
     ours, theirs = (fresh("--measure", what, sb / "ds", sb / "run") for what in ("wvdata", "polars"))
-    lines.append(f"  at {small:,} x {epochs}: wvdata aum {ours['seconds']:.1f}s, peak {ours['peak_mib']:,.0f} MiB; "
+    result("aum", f"wvdata aum, {small:,} samples x {epochs} epochs, time", ours["seconds"], "s",
+           baseline="polars scan + group_by", baseline_value=theirs["seconds"], higher_is_better=False)
+    result("aum", f"wvdata aum, {small:,} samples x {epochs} epochs, peak memory (VmHWM)", ours["hwm_mib"], "MiB",
+           baseline="polars scan + group_by", baseline_value=theirs["hwm_mib"], higher_is_better=False)
+    lines.append(f"  at {small:,} x {epochs}: wvdata aum {ours['seconds']:.1f}s, peak {ours['peak_mib']:,.0f} MiB "
+                 f"(VmHWM {ours['hwm_mib']:,.0f}); "
                  f"baseline polars scan_parquet(all epochs).group_by(key).mean() (streaming) {theirs['seconds']:.1f}s, "
-                 f"peak {theirs['peak_mib']:,.0f} MiB -> {theirs['seconds'] / ours['seconds']:.1f}x time, "
+                 f"peak {theirs['peak_mib']:,.0f} MiB (VmHWM {theirs['hwm_mib']:,.0f}) -> "
+                 f"{theirs['seconds'] / ours['seconds']:.1f}x time, "
                  f"{theirs['peak_mib'] / ours['peak_mib']:.1f}x memory")
     if not keep:
         shutil.rmtree(sb, ignore_errors=True)
@@ -269,19 +286,19 @@ def bench_scale(n: int, epochs: int, join_epochs: int, small: int, keep: bool) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=16_000_000, help="(b) samples")
-    p.add_argument("--epochs", type=int, default=30, help="(b) epochs of margins")
-    p.add_argument("--join-epochs", type=int, default=5, help="(b) epochs used of the shuffled-subset run")
-    p.add_argument("--baseline-samples", type=int, default=2_000_000, help="(b) size of the baseline comparison")
-    p.add_argument("--train-epochs", type=int, default=4, help="(a) epochs per trainer run")
-    p.add_argument("--train-reps", type=int, default=3, help="(a) runs without and with --aum")
+    p.add_argument("--samples", type=int, help="(b) samples (full: 16000000)")
+    p.add_argument("--epochs", type=int, help="(b) epochs of margins (full: 30)")
+    p.add_argument("--join-epochs", type=int, help="(b) epochs used of the shuffled-subset run (full: 5)")
+    p.add_argument("--baseline-samples", type=int, help="(b) size of the baseline comparison (full: 2000000)")
+    p.add_argument("--train-epochs", type=int, help="(a) epochs per trainer run (full: 4)")
+    p.add_argument("--train-reps", type=int, help="(a) runs without and with --aum (full: 3)")
     p.add_argument("--workers", type=int, default=2, help="(a) loader workers")
     p.add_argument("--parts", default="a,b", help="which parts to run (default: a,b)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic margins under benchmarks/out/")
     p.add_argument("--measure", nargs=3, metavar=("WHAT", "DATASET", "RUN"), help=argparse.SUPPRESS)
     p.add_argument("--generate", nargs=4, metavar=("DIR", "N", "EPOCHS", "JOIN_EPOCHS"), help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "aum-cpu.txt"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", help="text copy of the output (default: results/aum-cpu.txt at --scale full)")
+    args = parse_scaled(p, argv, SIZES)
     if args.measure:
         measure(*args.measure)
         return
@@ -299,8 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += new
     lines.append(load())
     print(lines[-1])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = args.out or (str(ROOT / "benchmarks" / "results" / "aum-cpu.txt") if args.scale == "full" else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
