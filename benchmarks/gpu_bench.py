@@ -18,7 +18,7 @@ CUDA it prints one line and exits 0 (most machines this project runs on have no 
 
     python -m benchmarks.gpu_bench [--scale small|full]
 
---scale full: 2,000 images, N = 1,000,000, 4,096 training images an epoch; small: 800, 100,000, 1,024.
+--scale full: 2,000 images, N = 1,000,000, 8,192 training images an epoch; small: 800, 100,000, 2,048.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from benchmarks import _common
 from benchmarks._common import load, parse_scaled, result
 
 BATCH = 64
-SIZES = {"small": {"images": 800, "faiss_n": 100_000, "train_entries": 1024},
-         "full": {"images": 2000, "faiss_n": 1_000_000, "train_entries": 4096}}
+SIZES = {"small": {"images": 800, "faiss_n": 100_000, "train_entries": 2048},
+         "full": {"images": 2000, "faiss_n": 1_000_000, "train_entries": 8192}}
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.txt"
 
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, help="stream benchmark dataset size (full: 2000)")
     p.add_argument("--faiss-n", type=int, help="class size for the FAISS rows (full: 1000000)")
-    p.add_argument("--train-entries", type=int, help="training images an epoch (full: 4096)")
+    p.add_argument("--train-entries", type=int, help="training images an epoch (full: 8192)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--parts", default="decode,faiss,train")
     args = parse_scaled(p, argv, SIZES)
