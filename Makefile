@@ -15,13 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m wvdata.demo --out demo-out
-	$(BIN)/python -m trainer.train --data demo-out/dataset --view clean --model test_resnet \
-		--image-size 64 --epochs 3 --batch-size 32 --lr 2.0 --workers 2 --eval-crops 5 \
-		--crop-scale 0.35,1 --aum --no-progress --out demo-out/run
-	@echo "demo done: dataset demo-out/dataset, dedup report demo-out/dedup.html, run demo-out/run"
-	@echo "(the training step is a 3-epoch smoke run of the trainer on 300 images: too few to learn;"
-	@echo " tests/test_trainer.py trains to >= 60% val top-1 on scikit-learn's digits)"
+	@# the whole recipe (trainer/recipes/demo.toml) on a crawl it generates; resumable: a rerun skips what is done
+	$(BIN)/python -m trainer.recipe demo --out demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
