@@ -16,193 +16,265 @@ every whole hash) and the candidates that verify against it join its cluster and
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-_K = None
+
+@intrinsic
+def ctpop(typingctx, x):  # the CPU's popcount instruction
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return sig, codegen
 
 
-def _kernels():
-    import numba
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.extending import intrinsic
+@njit(inline="always")
+def pop(x):
+    return np.int64(ctpop(x))
 
-    @intrinsic
-    def ctpop(typingctx, x):  # the CPU's popcount instruction
-        sig = types.uint64(types.uint64)
 
-        def codegen(context, builder, signature, args):
-            return builder.ctpop(args[0])
-        return sig, codegen
+@njit(cache=True)
+def sig_distance(vsig, a, b):
+    """Min over views v of d(a_v, b_whole) and d(a_whole, b_v), 256-bit pHash bits."""
+    best = 1 << 30
+    nv, nw = vsig.shape[1], vsig.shape[2]
+    for v in range(nv):
+        d1 = 0
+        d2 = 0
+        for w in range(nw):
+            d1 += pop(vsig[a, v, w] ^ vsig[b, 0, w])
+            d2 += pop(vsig[a, 0, w] ^ vsig[b, v, w])
+        if d1 < best:
+            best = d1
+        if d2 < best:
+            best = d2
+    return best
 
-    del ir, numba
 
-    @njit(inline="always")
-    def pop(x):
-        return np.int64(ctpop(x))
-
-    @njit(cache=True)
-    def sig_distance(vsig, a, b):
-        """Min over views v of d(a_v, b_whole) and d(a_whole, b_v), 256-bit pHash bits."""
-        best = 1 << 30
-        nv, nw = vsig.shape[1], vsig.shape[2]
-        for v in range(nv):
-            d1 = 0
-            d2 = 0
-            for w in range(nw):
-                d1 += pop(vsig[a, v, w] ^ vsig[b, 0, w])
-                d2 += pop(vsig[a, 0, w] ^ vsig[b, v, w])
-            if d1 < best:
-                best = d1
-            if d2 < best:
-                best = d2
-        return best
-
-    @njit(inline="always")
-    def colour_ok(chroma, colorful, a, b, tol):
-        if not (colorful[a] and colorful[b]):
-            return True
-        return abs(chroma[a, 0] - chroma[b, 0]) <= tol and abs(chroma[a, 1] - chroma[b, 1]) <= tol
-
-    @njit(inline="always")
-    def find(parent, x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    @njit(inline="always")
-    def handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
-               edges, stats):
-        """One candidate pair: nearest neighbours, then join if not joined yet and verified."""
-        vr, tol, verify = st[0], st[1], st[2]
-        stats[0] += 1
-        if d < near_d[i] or (d == near_d[i] and rank[j] < rank[near_j[i]]):
-            near_d[i] = d
-            near_j[i] = j
-        if d < near_d[j] or (d == near_d[j] and rank[i] < rank[near_j[j]]):
-            near_d[j] = d
-            near_j[j] = i
-        ri = find(parent, i)
-        rj = find(parent, j)
-        if ri == rj:
-            return
-        if verify > 0:
-            stats[1] += 1
-            if not colour_ok(chroma, colorful, i, j, tol):
-                stats[2] += 1
-                return
-            if sig_distance(vsig, i, j) > vr:
-                return
-        if size[ri] < size[rj]:
-            ri, rj = rj, ri
-        parent[rj] = ri
-        size[ri] += size[rj]
-        done[j] = True
-        k = stats[3]
-        edges[k, 0] = i
-        edges[k, 1] = j
-        stats[3] = k + 1
-
-    @njit(cache=True)
-    def link_pairs(pi, pj, pd, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
-                   edges, stats):
-        for k in range(pi.shape[0]):
-            if pi[k] != pj[k]:
-                handle(pi[k], pj[k], pd[k], st, vsig, chroma, colorful, rank, parent, size, done,
-                       near_d, near_j, edges, stats)
-
-    @njit(inline="always")
-    def first_table(x, t, b, nflip):
-        keymask = np.uint64((1 << b) - 1)
-        for u in range(t):
-            if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
-                return False
+@njit(inline="always")
+def colour_ok(chroma, colorful, a, b, tol):
+    if not (colorful[a] and colorful[b]):
         return True
+    return abs(chroma[a, 0] - chroma[b, 0]) <= tol and abs(chroma[a, 1] - chroma[b, 1]) <= tol
 
-    @njit(cache=True)
-    def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_off, masks, b,
-                nflip, radius, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
-                edges, stats):
-        """Dense images in `order`: each one not yet joined queries both indexes and joins its
-        verified candidates (see the module docstring)."""
-        keymask = np.uint64((1 << b) - 1)
-        nhash = vt_off.shape[0]
-        nv = views.shape[1]
-        for i in order:
-            if done[i]:
-                continue
-            done[i] = True
-            stats[4] += 1
-            q = whole[i]
-            for t in range(nhash):  # whole(i) against every view of every image
+
+@njit(inline="always")
+def find(parent, x):
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@njit(inline="always")
+def handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
+           edges, stats):
+    """One candidate pair: nearest neighbours, then join if not joined yet and verified."""
+    vr, tol, verify = st[0], st[1], st[2]
+    stats[0] += 1
+    if d < near_d[i] or (d == near_d[i] and rank[j] < rank[near_j[i]]):
+        near_d[i] = d
+        near_j[i] = j
+    if d < near_d[j] or (d == near_d[j] and rank[i] < rank[near_j[j]]):
+        near_d[j] = d
+        near_j[j] = i
+    ri = find(parent, i)
+    rj = find(parent, j)
+    if ri == rj:
+        return
+    if verify > 0:
+        stats[1] += 1
+        if not colour_ok(chroma, colorful, i, j, tol):
+            stats[2] += 1
+            return
+        if sig_distance(vsig, i, j) > vr:
+            return
+    if size[ri] < size[rj]:
+        ri, rj = rj, ri
+    parent[rj] = ri
+    size[ri] += size[rj]
+    done[j] = True
+    k = stats[3]
+    edges[k, 0] = i
+    edges[k, 1] = j
+    stats[3] = k + 1
+
+
+@njit(cache=True)
+def link_pairs(pi, pj, pd, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
+               edges, stats):
+    for k in range(pi.shape[0]):
+        if pi[k] != pj[k]:
+            handle(pi[k], pj[k], pd[k], st, vsig, chroma, colorful, rank, parent, size, done,
+                   near_d, near_j, edges, stats)
+
+
+@njit(inline="always")
+def first_table(x, t, b, nflip):
+    keymask = np.uint64((1 << b) - 1)
+    for u in range(t):
+        if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
+            return False
+    return True
+
+
+@njit(cache=True)
+def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_off, masks, b,
+            nflip, radius, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
+            edges, stats):
+    """Dense images in `order`: each one not yet joined queries both indexes and joins its
+    verified candidates (see the module docstring)."""
+    keymask = np.uint64((1 << b) - 1)
+    nhash = vt_off.shape[0]
+    nv = views.shape[1]
+    for i in order:
+        if done[i]:
+            continue
+        done[i] = True
+        stats[4] += 1
+        q = whole[i]
+        for t in range(nhash):  # whole(i) against every view of every image
+            key = (q >> np.uint64(t * b)) & keymask
+            for m in masks:
+                kk = np.int64(key ^ m)
+                for s in range(vt_off[t, kk], vt_off[t, kk + 1]):
+                    x = q ^ vt_codes[t, s]
+                    d = pop(x)
+                    if d > radius or not first_table(x, t, b, nflip):
+                        continue
+                    j = vt_ids[t, s] // nv
+                    if j != i:
+                        handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size, done,
+                               near_d, near_j, edges, stats)
+        for v in range(1, nv):  # every view of i against every whole-image hash
+            q = views[i, v]
+            for t in range(nhash):
                 key = (q >> np.uint64(t * b)) & keymask
                 for m in masks:
                     kk = np.int64(key ^ m)
-                    for s in range(vt_off[t, kk], vt_off[t, kk + 1]):
-                        x = q ^ vt_codes[t, s]
+                    for s in range(wt_off[t, kk], wt_off[t, kk + 1]):
+                        x = q ^ wt_codes[t, s]
                         d = pop(x)
                         if d > radius or not first_table(x, t, b, nflip):
                             continue
-                        j = vt_ids[t, s] // nv
+                        j = wt_ids[t, s]
                         if j != i:
-                            handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size, done,
-                                   near_d, near_j, edges, stats)
-            for v in range(1, nv):  # every view of i against every whole-image hash
-                q = views[i, v]
-                for t in range(nhash):
-                    key = (q >> np.uint64(t * b)) & keymask
-                    for m in masks:
-                        kk = np.int64(key ^ m)
-                        for s in range(wt_off[t, kk], wt_off[t, kk + 1]):
-                            x = q ^ wt_codes[t, s]
-                            d = pop(x)
-                            if d > radius or not first_table(x, t, b, nflip):
-                                continue
-                            j = wt_ids[t, s]
-                            if j != i:
-                                handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size,
-                                       done, near_d, near_j, edges, stats)
+                            handle(i, j, d, st, vsig, chroma, colorful, rank, parent, size,
+                                   done, near_d, near_j, edges, stats)
 
-    @njit(cache=True)
-    def bucket_sort(keys, nbuckets):
-        """Counting sort: (order, offsets) of integer keys in [0, nbuckets)."""
-        counts = np.zeros(nbuckets + 1, np.int64)
-        for k in keys:
-            counts[k + 1] += 1
-        for k in range(nbuckets):
-            counts[k + 1] += counts[k]
-        pos = counts[:-1].copy()
-        order = np.empty(keys.shape[0], np.int64)
-        for r in range(keys.shape[0]):
-            k = keys[r]
-            order[pos[k]] = r
-            pos[k] += 1
-        return order, counts
 
-    @njit(cache=True)
-    def sig_distances(vsig, a, b):
-        out = np.empty(a.shape[0], np.int64)
-        for k in range(a.shape[0]):
-            out[k] = sig_distance(vsig, a[k], b[k])
-        return out
+@njit(cache=True)
+def _bucket_sort(keys, nbuckets):
+    """Counting sort: (order, offsets) of integer keys in [0, nbuckets)."""
+    counts = np.zeros(nbuckets + 1, np.int64)
+    for k in keys:
+        counts[k + 1] += 1
+    for k in range(nbuckets):
+        counts[k + 1] += counts[k]
+    pos = counts[:-1].copy()
+    order = np.empty(keys.shape[0], np.int64)
+    for r in range(keys.shape[0]):
+        k = keys[r]
+        order[pos[k]] = r
+        pos[k] += 1
+    return order, counts
 
-    return {"pop": pop, "link_pairs": link_pairs, "leaders": leaders, "bucket_sort": bucket_sort,
-            "sig_distances": sig_distances}
+
+@njit(cache=True)
+def _sig_distances(vsig, a, b):
+    out = np.empty(a.shape[0], np.int64)
+    for k in range(a.shape[0]):
+        out[k] = sig_distance(vsig, a[k], b[k])
+    return out
+
+
+@njit(parallel=True, cache=True)
+def mih_search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
+           starts, out_q, out_i, out_d, fill):
+    """Table t: every query group (same substring key k) against buckets k ^ mask."""
+    keymask = np.uint64((1 << b) - 1)
+    ngroups = q_off.shape[0] - 1
+    for k in prange(ngroups):
+        q0, q1 = q_off[k], q_off[k + 1]
+        if q0 == q1:
+            continue
+        found = 0
+        pos = starts[k]
+        for m in masks:
+            kk = np.int64(np.uint64(k) ^ m)
+            for s in range(b_off[kk], b_off[kk + 1]):
+                c = b_sorted[s]
+                for r in range(q0, q1):
+                    x = q_sorted[r] ^ c
+                    d = pop(x)
+                    if d > radius:
+                        continue
+                    first = True
+                    for u in range(t):  # then an earlier table reports this pair
+                        if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
+                            first = False
+                            break
+                    if first:
+                        if fill:
+                            out_q[pos + found] = q_ids[r]
+                            out_i[pos + found] = b_ids[s]
+                            out_d[pos + found] = d
+                        found += 1
+        if not fill:
+            starts[k] = found
+
+
+@njit(parallel=True, cache=True)
+def mih_search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
+                counts, out_q, out_i, out_d, cap):
+    """One pass of `search`: query groups in counts.shape[0] chunks, chunk c writing up to
+    cap pairs at [c * cap, ...) and its full count to counts[c] (more than cap: redo)."""
+    keymask = np.uint64((1 << b) - 1)
+    ngroups = q_off.shape[0] - 1
+    nch = counts.shape[0]
+    per = (ngroups + nch - 1) // nch
+    for c in prange(nch):
+        found = 0
+        at = c * cap
+        for k in range(c * per, min(ngroups, (c + 1) * per)):
+            q0, q1 = q_off[k], q_off[k + 1]
+            if q0 == q1:
+                continue
+            for m in masks:
+                kk = np.int64(np.uint64(k) ^ m)
+                for s in range(b_off[kk], b_off[kk + 1]):
+                    c0 = b_sorted[s]
+                    for r in range(q0, q1):
+                        x = q_sorted[r] ^ c0
+                        d = pop(x)
+                        if d > radius:
+                            continue
+                        first = True
+                        for u in range(t):
+                            if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
+                                first = False
+                                break
+                        if first:
+                            if found < cap:
+                                out_q[at + found] = q_ids[r]
+                                out_i[at + found] = b_ids[s]
+                                out_d[at + found] = d
+                            found += 1
+        counts[c] = found
 
 
 def kernels() -> dict:
-    """The compiled kernels (compiled once per process, cached on disk by numba)."""
-    global _K
-    if _K is None:
-        _K = _kernels()
-    return _K
+    """The compiled kernels (compiled on first use, cached on disk by numba)."""
+    return {"pop": pop, "link_pairs": link_pairs, "leaders": leaders, "bucket_sort": _bucket_sort,
+            "sig_distances": _sig_distances, "mih_search": mih_search, "mih_search_once": mih_search_once}
 
 
 def sig_distances(vsig: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Crop-tolerant 256-bit distance of each pair (a[k], b[k]) from (n, views, 4) uint64 signatures."""
-    return kernels()["sig_distances"](vsig, np.asarray(a, np.int64), np.asarray(b, np.int64))
+    return _sig_distances(vsig, np.asarray(a, np.int64), np.asarray(b, np.int64))
 
 
 def bucket_sort(keys: np.ndarray, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, offsets): a stable counting sort of int64 keys in [0, nbuckets)."""
-    return kernels()["bucket_sort"](np.asarray(keys, np.int64), nbuckets)
+    return _bucket_sort(np.asarray(keys, np.int64), nbuckets)

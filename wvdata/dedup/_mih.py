@@ -16,8 +16,6 @@ from math import comb
 
 import numpy as np
 
-from . import _link
-
 _MAX_B = 16  # substrings up to 16 bits: the bucket offsets of a table fit in L2 cache
 _CHUNKS, _CAP = 256, 4096  # one-pass search: query-group chunks, pairs each may write
 
@@ -52,85 +50,10 @@ def _flip_masks(b: int, nflip: int) -> np.ndarray:
 
 
 def _kernels():
-    import numba
+    from . import _link  # numba is imported here, not when wvdata is
 
-    njit, prange = numba.njit, numba.prange
-
-    popcount = _link.kernels()["pop"]
-
-    @njit(parallel=True, cache=True)
-    def search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
-               starts, out_q, out_i, out_d, fill):
-        """Table t: every query group (same substring key k) against buckets k ^ mask."""
-        keymask = np.uint64((1 << b) - 1)
-        ngroups = q_off.shape[0] - 1
-        for k in prange(ngroups):
-            q0, q1 = q_off[k], q_off[k + 1]
-            if q0 == q1:
-                continue
-            found = 0
-            pos = starts[k]
-            for m in masks:
-                kk = np.int64(np.uint64(k) ^ m)
-                for s in range(b_off[kk], b_off[kk + 1]):
-                    c = b_sorted[s]
-                    for r in range(q0, q1):
-                        x = q_sorted[r] ^ c
-                        d = popcount(x)
-                        if d > radius:
-                            continue
-                        first = True
-                        for u in range(t):  # then an earlier table reports this pair
-                            if popcount((x >> np.uint64(u * b)) & keymask) <= nflip:
-                                first = False
-                                break
-                        if first:
-                            if fill:
-                                out_q[pos + found] = q_ids[r]
-                                out_i[pos + found] = b_ids[s]
-                                out_d[pos + found] = d
-                            found += 1
-            if not fill:
-                starts[k] = found
-
-    @njit(parallel=True, cache=True)
-    def search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
-                    counts, out_q, out_i, out_d, cap):
-        """One pass of `search`: query groups in counts.shape[0] chunks, chunk c writing up to
-        cap pairs at [c * cap, ...) and its full count to counts[c] (more than cap: redo)."""
-        keymask = np.uint64((1 << b) - 1)
-        ngroups = q_off.shape[0] - 1
-        nch = counts.shape[0]
-        per = (ngroups + nch - 1) // nch
-        for c in prange(nch):
-            found = 0
-            at = c * cap
-            for k in range(c * per, min(ngroups, (c + 1) * per)):
-                q0, q1 = q_off[k], q_off[k + 1]
-                if q0 == q1:
-                    continue
-                for m in masks:
-                    kk = np.int64(np.uint64(k) ^ m)
-                    for s in range(b_off[kk], b_off[kk + 1]):
-                        c0 = b_sorted[s]
-                        for r in range(q0, q1):
-                            x = q_sorted[r] ^ c0
-                            d = popcount(x)
-                            if d > radius:
-                                continue
-                            first = True
-                            for u in range(t):
-                                if popcount((x >> np.uint64(u * b)) & keymask) <= nflip:
-                                    first = False
-                                    break
-                            if first:
-                                if found < cap:
-                                    out_q[at + found] = q_ids[r]
-                                    out_i[at + found] = b_ids[s]
-                                    out_d[at + found] = d
-                                found += 1
-            counts[c] = found
-    return search, search_once
+    k = _link.kernels()
+    return k["mih_search"], k["mih_search_once"]
 
 
 _SEARCH = None
