@@ -36,11 +36,24 @@ def _rows(ds, res) -> list[Row]:
             tiles.append(dataset_tile(ds, *loc[key], f"{flag} {split} {w}x{h}{dist}", short_key(key), tone))
         shown = f", showing {MAX_PER_ROW}" if size > MAX_PER_ROW else ""
         rows.append((f"cluster {cid}: {size} images{shown}", tiles))
-    pairs = res.pairs.filter(((pl.col("split_a") == "train") & pl.col("split_b").is_in(["val", "test"]))
-                             | ((pl.col("split_b") == "train") & pl.col("split_a").is_in(["val", "test"])))
-    pairs = pairs.with_columns(lo=pl.min_horizontal("key_a", "key_b"), hi=pl.max_horizontal("key_a", "key_b"))
-    pairs = pairs.unique(["lo", "hi"], keep="first", maintain_order=True)
-    rows.append((f"LEAKS: {pairs.height} train/val-test pairs, showing {min(MAX_LEAKS, pairs.height)} "
+    # each leaked train image with a held-out image of its cluster (its nearest when that is one)
+    held = (info.filter(pl.col("split").is_in(["val", "test"]) & (pl.col("cluster") >= 0))
+            .sort("key").group_by("cluster", maintain_order=True)
+            .agg(pl.col("key").first().alias("first_held"), pl.col("key").alias("held")))
+    hexes = dict(zip(table["key"].to_list(), table["hash"].to_list()))
+    leak_rows = (info.filter(pl.col("leak")).sort("key").join(held, on="cluster", how="left")
+                 .with_columns(key_b=pl.when(pl.col("held").list.contains(pl.col("nearest_key")))
+                               .then(pl.col("nearest_key")).otherwise(pl.col("first_held"))))
+    split_of = dict(zip(table["key"].to_list(), table["split"].to_list()))
+    items = []
+    for ka, kb in leak_rows.head(MAX_LEAKS).select("key", "key_b").iter_rows():
+        ha, hb = hexes.get(ka), hexes.get(kb)
+        d = bin(int(ha, 16) ^ int(hb, 16)).count("1") if ha and hb else -1
+        items.append((ka, kb, "train", split_of[kb], d, "cluster"))
+    pairs = pl.DataFrame(items, schema={"key_a": pl.String, "key_b": pl.String, "split_a": pl.String,
+                                        "split_b": pl.String, "distance": pl.Int64, "reason": pl.String},
+                         orient="row")
+    rows.append((f"LEAKS: {leak_rows.height} train/val-test pairs, showing {pairs.height} "
                  "(train copy, then the held-out image)", []))
     per_row = max(1, MAX_PER_ROW // 2)
     chunk: list[Tile] = []
