@@ -61,11 +61,14 @@ def test_torch_order_is_a_function_of_seed_and_epoch(balanced):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_resumes_mid_epoch_with_exactly_the_rest(balanced, backend):
+    """Both backends continue in exactly the order (and, same seeds, with the same images) of the
+    uninterrupted epoch; DALI through its pipeline checkpoint, carried in the loader state."""
     kw = dict(view="bal", batch_size=8, backend=backend, image_size=32, num_workers=1, rank=0,
               world_size=1, seed=5)
     full = loader(balanced, **kw)
     full.set_epoch(2)
-    all_keys = _keys(full)
+    batches = [(images.clone(), keys) for images, _, keys in full]
+    all_keys = [k for _, keys in batches for k in keys]
     first = loader(balanced, **kw)
     first.set_epoch(2)
     seen = []
@@ -74,13 +77,31 @@ def test_state_dict_resumes_mid_epoch_with_exactly_the_rest(balanced, backend):
         if i == 2:
             state = first.state_dict()
             break
+    assert (state["epoch"], state["batch"]) == (2, 3)
     resumed = loader(balanced, **kw)
     resumed.load_state_dict(state)
-    rest = _keys(resumed)
-    assert Counter(seen + rest) == Counter(all_keys)
-    if backend == "torch":  # the torch backend continues in exactly the same order
-        assert seen + rest == all_keys
+    rest = [(images, keys) for images, _, keys in resumed]
+    assert seen + [k for _, keys in rest for k in keys] == all_keys
+    for (images, keys), (want, want_keys) in zip(rest, batches[3:]):
+        assert keys == want_keys and torch.equal(images, want)
     assert resumed.epoch == 3  # the next iteration is the next epoch
+
+
+def test_dali_state_without_checkpoint_still_yields_the_rest(balanced):
+    """A loader state without a DALI checkpoint (an older one) still gives exactly the entries not
+    yet yielded, in a fresh order."""
+    kw = dict(view="bal", batch_size=8, backend="dali", image_size=32, num_workers=1, rank=0, world_size=1)
+    full = loader(balanced, **kw)
+    all_keys = _keys(full)
+    first = loader(balanced, **kw)
+    it = iter(first)
+    seen = [k for _ in range(2) for k in next(it)[2]]
+    state = first.state_dict()
+    assert state["dali"] and len(state["consumed"]) == 16
+    del state["dali"]
+    resumed = loader(balanced, **kw)
+    resumed.load_state_dict(state)
+    assert Counter(seen + _keys(resumed)) == Counter(all_keys)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -106,15 +106,27 @@ class Dataset:
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in dataset {self.root} (has {self.splits})")
 
-    def samples(self, split: str | None = None) -> pl.DataFrame:
-        """samples.parquet of one split, or of all splits concatenated."""
+    def samples(self, split: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """samples.parquet of one split, or of all splits concatenated; only `columns` when given
+        (at 16M samples the wide text columns, src_path and meta, cost gigabytes)."""
         splits = [split] if split else self.splits
         frames = []
         for s in splits:
             self._check_split(s)
-            with open_file(join(self.root, s, "samples.parquet")) as f:
-                frames.append(pl.read_parquet(f))
+            with open_file(self.samples_path(s)) as f:
+                frames.append(pl.read_parquet(f, columns=columns))
         return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+    def samples_path(self, split: str) -> str:
+        return join(self.root, check_name("split", split), "samples.parquet")
+
+    def shard_starts(self, split: str) -> list[int]:
+        """Row of each shard's first sample in samples.parquet (rows are grouped by shard, in
+        manifest order, each shard's rows in its tar's order), plus the total at the end."""
+        out = [0]
+        for rec in self.shards(split):
+            out.append(out[-1] + int(rec["samples"]))
+        return out
 
     def errors(self, split: str | None = None) -> pl.DataFrame:
         splits = [split] if split else self.splits
@@ -154,7 +166,7 @@ class Dataset:
 
     def iter_images(self, split: str) -> Iterator[tuple[str, bytes]]:
         """(key, jpeg bytes) for every sample of a split, each shard read sequentially once."""
-        df = self.samples(split).select("key", "shard", "data_offset", "bytes")
+        df = self.samples(split, ["key", "shard", "data_offset", "bytes"])
         for (shard,), part in df.group_by("shard", maintain_order=True):
             with open_file(self.shard_path(split, shard)) as f:
                 for key, off, size in part.select("key", "data_offset", "bytes").iter_rows():

@@ -12,16 +12,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ._args import fraction, positive_int
 from ._where import safe_filter
-from .build.tar import format_idx, write_atomic
-from .dataset import Dataset, check_name, join, open_dataset, open_file
+from .build.tar import IDX_VERSION, write_atomic
+from .dataset import Dataset, check_name, is_url, join, open_dataset, open_file
 from .lock import dataset_lock
 
 ENTRY_COLUMNS = ["key", "sample", "label", "shard", "data_offset", "bytes", "width", "height"]
@@ -29,17 +31,76 @@ ENTRY_COLUMNS = ["key", "sample", "label", "shard", "data_offset", "bytes", "wid
 _ANNOTATIONS = {"dedup": "wvdata dedup", "aum": "wvdata aum", "curriculum": "wvdata curriculum"}
 
 
-@dataclass
 class View:
-    """A view's entries (reading order, repeats allowed) over the shards of one split."""
+    """A view's entries (reading order, repeats allowed) over the shards of one split.
 
-    dataset: Dataset
-    split: str
-    name: str | None
-    entries: pl.DataFrame  # ENTRY_COLUMNS + shard_id
+    A view read from disk (a named view, or a whole split) loads its polars frame only when
+    `entries` is first used: the loader reads just the columns it needs into flat arrays, so a
+    16M-entry view never has to sit in the main process as a frame next to them.
+    """
+
+    def __init__(self, dataset: Dataset, split: str, name: str | None, entries: pl.DataFrame | None = None,
+                 *, length: int | None = None):
+        self.dataset, self.split, self.name = dataset, split, name
+        self._entries, self._length = entries, length
+
+    def __repr__(self) -> str:
+        return f"View({self.dataset.root!r}, {self.split!r}, {self.name!r}, {len(self)} entries)"
+
+    @property
+    def entries(self) -> pl.DataFrame:
+        """ENTRY_COLUMNS + shard_id, one row per entry (read from disk on first use)."""
+        if self._entries is None:
+            self._entries = pl.from_arrow(self.table())
+        return self._entries
 
     def __len__(self) -> int:
-        return self.entries.height
+        if self._entries is not None:
+            return self._entries.height
+        if self._length is None:
+            self._length = self.dataset.shard_starts(self.split)[-1] if self.name is None \
+                else int(_read_meta(self.dataset, self.name)["entries"])
+        return self._length
+
+    def table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Entry columns as an Arrow table (all of ENTRY_COLUMNS + shard_id by default), from the
+        frame when it is loaded, else straight from entries.parquet / samples.parquet."""
+        want = list(columns or [*ENTRY_COLUMNS, "shard_id"])
+        if self._entries is not None:
+            return self._entries.select(want).to_arrow()
+        if self.name is not None:
+            path = join(self.dataset.root, "views", self.name, "entries.parquet")
+            with open_file(path) as f:
+                t = pq.read_table(f, columns=want)
+            if "shard_id" in want:
+                _check_shard_ids(t.column("shard_id"), len(self.dataset.shards(self.split)), path)
+            return t
+        read = [c for c in want if c not in ("sample", "shard_id")]
+        if "shard_id" in want and "shard" not in read:
+            read.append("shard")
+        with open_file(self.dataset.samples_path(self.split)) as f:  # shard names as a dictionary:
+            t = pq.read_table(f, columns=read, read_dictionary=["shard"])  # no string per row decoded
+        if "sample" in want:
+            t = t.append_column("sample", pa.array(np.arange(t.num_rows, dtype=np.uint32)))
+        if "shard_id" in want:
+            t = t.append_column("shard_id", self._shard_ids(t.column("shard")))
+        if "shard" in want:
+            t = t.set_column(t.schema.get_field_index("shard"), "shard", pc.cast(t.column("shard"), pa.string()))
+        return t.select(want)
+
+    def _shard_ids(self, shard: pa.ChunkedArray) -> pa.Array:
+        """Each row's shard as its index in dataset.json (dictionary-encoded names: one look-up per
+        distinct shard, then a gather)."""
+        chunks = []
+        for chunk in shard.chunks:
+            if not pa.types.is_dictionary(chunk.type):
+                chunk = chunk.dictionary_encode()
+            ids = pc.index_in(chunk.dictionary, value_set=pa.array(self.shards, chunk.dictionary.type))
+            if ids.null_count:
+                raise ValueError(f"{self.dataset.samples_path(self.split)}: samples in shards that dataset.json "
+                                 "does not list")
+            chunks.append(pc.take(pc.cast(ids, pa.int32()), chunk.indices))
+        return pa.chunked_array(chunks, pa.int32()).combine_chunks()
 
     @property
     def shards(self) -> list[str]:
@@ -50,6 +111,21 @@ class View:
         if self.name is None:
             return [self.dataset.shard_path(self.split, s, "idx") for s in self.shards]
         return [join(self.dataset.root, "views", self.name, f"{s}.idx") for s in self.shards]
+
+
+def _check_shard_ids(ids: pa.ChunkedArray, n_shards: int, path: str) -> None:
+    lo, hi = pc.min(ids).as_py(), pc.max(ids).as_py()
+    if ids.null_count or (lo is not None and (lo < 0 or hi >= n_shards)):
+        raise ValueError(f"{path}: shard_id outside the {n_shards} shards of its split")
+
+
+def _read_meta(ds: Dataset, name: str) -> dict[str, Any]:
+    path = join(ds.root, "views", check_name("view", name), "view.json")
+    try:
+        with open_file(path) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"view {name!r} not found ({path}); make it with `wvdata view`") from None
 
 
 def annotation(ds: Dataset, name: str, split: str) -> pl.DataFrame:
@@ -66,28 +142,30 @@ def annotation(ds: Dataset, name: str, split: str) -> pl.DataFrame:
     return table.filter(pl.col("split") == split) if "split" in table.columns else table
 
 
-def _with_annotations(ds: Dataset, split: str, samples: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+def _with_annotations(ds: Dataset, split: str, samples: pl.LazyFrame, names: Sequence[str]) -> pl.LazyFrame:
     for name in names:
         table = annotation(ds, name, split)
-        extra = [c for c in table.columns if c == "key" or c not in samples.columns]
-        samples = samples.join(table.select(extra), on="key", how="left")
+        have = samples.collect_schema().names()
+        extra = [c for c in table.columns if c == "key" or c not in have]
+        samples = samples.join(table.select(extra).lazy(), on="key", how="left", maintain_order="left")
     return samples
 
 
 def balance_per_class(df: pl.DataFrame, n: int, seed: int = 0) -> pl.DataFrame:
     """Exactly n entries per class: without replacement when a class has >= n, else all of
-    its samples repeated, topped up by a random draw (the WebVision 2020 class-level balance)."""
-    rng = np.random.default_rng(seed)
-    picks = []
-    for _, part in df.sort("key").group_by("label", maintain_order=True):
-        idx = np.arange(part.height)
-        if part.height >= n:
-            take = rng.choice(idx, n, replace=False)
-        else:
-            take = np.concatenate([np.tile(idx, n // part.height),
-                                   rng.choice(idx, n % part.height, replace=False)])
-        picks.append(part[np.sort(take)])
-    return pl.concat(picks) if picks else df.clear()
+    its samples repeated, topped up by a random draw (the WebVision 2020 class-level balance).
+
+    Vectorised: each row gets a seeded hash of its key; a row of rank r (by that hash) in a class
+    of c rows is taken n // c times, plus once more when r < n % c. The draw depends on the
+    keys and the seed, not on the row order; rows keep their order, repeats side by side."""
+    if df.height == 0:
+        return df.clear()
+    h = pl.col("key").hash(seed=int(seed) & 0xFFFFFFFFFFFFFFFF)
+    plan = df.select(h.rank("ordinal").over("label").alias("r"), pl.len().over("label").alias("c"))
+    r = plan["r"].to_numpy().astype(np.int64) - 1
+    c = plan["c"].to_numpy().astype(np.int64)
+    reps = n // c + (r < n % c)
+    return df[np.repeat(np.arange(df.height), reps)]
 
 
 def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
@@ -95,10 +173,14 @@ def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
            drop_duplicates: bool = False, drop_leaks: bool = False,
            drop_aum: float | None = None, aum_below: float | None = None, drop_aum_flagged: bool = False,
            subsets: Sequence[int | None] | None = None, per_class: int | None = None,
-           where: str | pl.Expr | None = None, seed: int = 0) -> pl.DataFrame:
-    """The entries a view would hold (repeats allowed), without writing anything."""
+           where: str | pl.Expr | None = None, seed: int = 0,
+           columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """The entries a view would hold (repeats allowed), without writing anything.
+
+    `columns`: only these columns of the result (e.g. ENTRY_COLUMNS); samples.parquet is read
+    lazily, so the wide text columns (src_path, meta) are never decoded when not asked for."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    samples = ds.samples(split).with_row_index("sample")
+    lf = _scan_samples(ds, split).with_row_index("sample")
     needed = []
     if drop_duplicates or drop_leaks:
         needed.append("dedup")
@@ -108,39 +190,57 @@ def select(dataset: str | os.PathLike | Dataset, split: str = "train", *,
         needed.append("curriculum")
     if isinstance(where, str):
         needed += [n for n in _ANNOTATIONS if n not in needed and _exists(ds.annotation_path(n))]
-    df = _with_annotations(ds, split, samples, needed)
+    lf = _with_annotations(ds, split, lf, needed)
     if keys is not None:
-        wanted = keys.select("key") if isinstance(keys, pl.DataFrame) else pl.DataFrame({"key": list(keys)})
-        unknown = wanted.join(df, on="key", how="anti")
+        wanted = (keys.select("key") if isinstance(keys, pl.DataFrame)
+                  else pl.DataFrame({"key": keys if isinstance(keys, pl.Series) else list(keys)},
+                                    schema={"key": pl.String}))
+        unknown = wanted.lazy().join(lf.select("key"), on="key", how="anti").collect()
         if unknown.height:
             raise KeyError(f"{unknown.height} keys are not samples of split {split!r}, "
                            f"e.g. {unknown['key'][0]!r}")
-        df = wanted.join(df, on="key", how="left", maintain_order="left")
+        lf = wanted.lazy().join(lf, on="key", how="left", maintain_order="left")
     if drop_duplicates:
-        df = df.filter(pl.col("keep").fill_null(True))
+        lf = lf.filter(pl.col("keep").fill_null(True))
     if drop_leaks:
-        df = df.filter(~pl.col("leak").fill_null(False))
+        lf = lf.filter(~pl.col("leak").fill_null(False))
     if aum_below is not None:
-        df = df.filter(pl.col("aum").is_null() | (pl.col("aum") >= aum_below))
+        lf = lf.filter(pl.col("aum").is_null() | (pl.col("aum") >= aum_below))
     if drop_aum_flagged:
-        df = df.filter(~pl.col("flagged").fill_null(False))
+        lf = lf.filter(~pl.col("flagged").fill_null(False))
     if drop_aum is not None:
         if not 0 <= drop_aum < 1:
             raise ValueError(f"drop_aum must be a fraction in [0, 1), got {drop_aum}")
-        scored = df.filter(pl.col("aum").is_not_null()).unique("key")
+        scored = lf.filter(pl.col("aum").is_not_null()).select("key", "aum").unique("key").collect()
         cut = scored.sort(["aum", "key"]).head(int(round(drop_aum * scored.height)))["key"]
-        df = df.filter(~pl.col("key").is_in(cut.implode()))
+        lf = lf.filter(~pl.col("key").is_in(cut.implode()))
     if subsets:  # samples without a curriculum subset (no features) are kept only when None is listed
         keep = pl.col("subset").is_in([s for s in subsets if s is not None])
-        df = df.filter(keep | pl.col("subset").is_null() if None in subsets else keep.fill_null(False))
+        lf = lf.filter(keep | pl.col("subset").is_null() if None in subsets else keep.fill_null(False))
     if where is not None:
         try:
-            df = df.filter(safe_filter(where, df.columns) if isinstance(where, str) else where)
+            lf = lf.filter(safe_filter(where, lf.collect_schema().names()) if isinstance(where, str) else where)
         except pl.exceptions.PolarsError as e:
             raise ValueError(f"--where {where!r}: {str(e).strip().splitlines()[0]}") from None
+    out = list(columns) if columns is not None else None
+    if out is not None:
+        lf = lf.select(list(dict.fromkeys([*out, *(["key", "label"] if per_class else [])])))
+    try:
+        df = lf.collect()
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(f"--where {where!r}: {str(e).strip().splitlines()[0]}") from None
     if per_class:
         df = balance_per_class(df, per_class, seed)
-    return df
+    return df.select(out) if out is not None else df
+
+
+def _scan_samples(ds: Dataset, split: str) -> pl.LazyFrame:
+    ds.shards(split)  # a checked split name
+    path = ds.samples_path(split)
+    if is_url(path):
+        with open_file(path) as f:
+            return pl.read_parquet(f).lazy()
+    return pl.scan_parquet(path)
 
 
 def _exists(path: str) -> bool:
@@ -169,7 +269,7 @@ def write_view(dataset: str | os.PathLike | Dataset, name: str, entries: pl.Data
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     check_name("view", name)
     df = entries if isinstance(entries, pl.DataFrame) and "sample" in entries.columns \
-        else select(ds, split, keys=entries)
+        else select(ds, split, keys=entries, columns=ENTRY_COLUMNS)
     ent = _entries(ds, split, df).sort(["shard_id", "data_offset"], maintain_order=True)
     with dataset_lock(ds.root, f"wvdata view {name}"):
         return _write_view_locked(ds, name, ent, split, options)
@@ -179,18 +279,24 @@ def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, op
     out = os.path.join(ds.root, "views", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(out))  # hidden, unique: no view's name
-    lines_by_key = {}
-    shards_meta = []
-    for shard_id, shard in enumerate(s["name"] for s in ds.shards(split)):
-        part = ent.filter(pl.col("shard_id") == shard_id)
-        if part.height:
-            with open(ds.shard_path(split, shard, "idx")) as f:
-                lines_by_key = {line.split(" ", 4)[3].split(".", 1)[0]: line
-                                for line in f.read().splitlines()[1:]}
-        write_atomic(os.path.join(tmp, f"{shard}.idx"), format_idx([lines_by_key[k] for k in part["key"]]))
-        shards_meta.append({"name": shard, "entries": part.height})
+    shards = [s["name"] for s in ds.shards(split)]
+    starts = ds.shard_starts(split)
+    sid = ent["shard_id"].to_numpy()
+    bounds = np.searchsorted(sid, np.arange(len(shards) + 1))  # entries are sorted by shard
+    line = ent["sample"].to_numpy().astype(np.int64)
+    keys = ent["key"]
+    shards_meta, files = [], []
+    for k, shard in enumerate(shards):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        body: Any = b""
+        if hi > lo:  # the shard's own index lines of these samples (all members: jpg, cls, json)
+            body = _index_lines(ds.shard_path(split, shard, "idx"), line[lo:hi] - starts[k],
+                                starts[k + 1] - starts[k], keys[lo])
+        files.append((os.path.join(tmp, f"{shard}.idx"), f"{IDX_VERSION} {hi - lo}\n".encode(), body))
+        shards_meta.append({"name": shard, "entries": hi - lo})
+    _write_files(files)
     ent.write_parquet(os.path.join(tmp, "entries.parquet"))
-    meta = {"name": name, "split": split, "entries": ent.height, "unique": ent["key"].n_unique(),
+    meta = {"name": name, "split": split, "entries": ent.height, "unique": ent["sample"].n_unique(),
             "classes": ent["label"].n_unique(), "options": options or {}, "shards": shards_meta}
     write_atomic(os.path.join(tmp, "view.json"), json.dumps(meta, indent=2) + "\n")
     if os.path.isdir(out):  # move the old one aside first: a view is never half replaced
@@ -201,27 +307,72 @@ def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, op
     return View(ds, split, name, ent)
 
 
+def _index_lines(path: str, rows: np.ndarray, expect: int, first_key: str) -> memoryview:
+    """Lines `rows` (0-based, repeats allowed) of a shard's .idx, each with its newline, as one
+    buffer: an Arrow take over the file's lines, no Python work per line. The shard's .idx lists
+    its samples in samples.parquet order; the count and the first key taken are checked."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    head = raw.find(b"\n") + 1
+    ends = np.flatnonzero(np.frombuffer(raw, np.uint8)[head:] == 10) + head + 1
+    if len(ends) != expect:
+        raise ValueError(f"{path} lists {len(ends)} samples but samples.parquet has {expect} in that shard")
+    offsets = np.concatenate([[head], ends]).astype(np.int64)
+    lines = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(raw))
+    text = concat_text(lines.take(pa.array(rows)))
+    first = bytes(text[:4096]).split(b"\n", 1)[0].split(b" ", 4)  # ext offset size KEY.ext ...
+    if len(first) < 4 or first[3].split(b".", 1)[0].decode() != first_key:
+        raise ValueError(f"{path} does not list its samples in samples.parquet order (expected {first_key!r})")
+    return text
+
+
+def concat_text(arr: pa.Array) -> memoryview:
+    """The bytes of a (large) string array's values back to back: with newline-terminated values,
+    a whole text file."""
+    arr = arr.cast(pa.large_string())
+    if len(arr) == 0:
+        return memoryview(b"")
+    offsets = np.frombuffer(arr.buffers()[1], np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+    return memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])]
+
+
+def _write_files(files: Sequence[tuple[str, bytes, Any]]) -> None:
+    """Write (path, head, body) files, then fsync them from a few threads (fsync releases the GIL;
+    one by one, thousands of small files take seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for path, head, body in files:
+        with open(path, "wb") as f:
+            f.write(head)
+            f.write(body)
+
+    def sync(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sync, [p for p, _, _ in files]))
+
+
 def view(dataset: str | os.PathLike | Dataset, name: str, split: str = "train", **options: Any) -> View:
     """Select entries (see `select`) and write them as view NAME."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    df = select(ds, split, **options)
+    df = select(ds, split, columns=ENTRY_COLUMNS, **options)
     return write_view(ds, name, df, split, {k: v for k, v in options.items() if k != "keys"})
 
 
 def load_view(dataset: str | os.PathLike | Dataset, name: str | None = None, split: str = "train") -> View:
-    """A written view by name, or the whole split (every sample once) when name is None."""
+    """A written view by name, or the whole split (every sample once) when name is None; its
+    entries are read on first use."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     if name is None:
-        return View(ds, split, None, _entries(ds, split, ds.samples(split).with_row_index("sample")))
-    path = join(ds.root, "views", check_name("view", name), "view.json")
-    try:
-        with open_file(path) as f:
-            meta = json.loads(f.read())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"view {name!r} not found ({path}); make it with `wvdata view`") from None
-    with open_file(join(ds.root, "views", name, "entries.parquet")) as f:
-        entries = pl.read_parquet(f)
-    return View(ds, check_name("split", meta["split"]), name, entries)
+        ds.shards(split)  # a known split
+        return View(ds, split, None)
+    meta = _read_meta(ds, name)
+    return View(ds, check_name("split", meta["split"]), name, length=int(meta["entries"]))
 
 
 def add_cli(sub: Any) -> None:

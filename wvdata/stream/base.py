@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from ..dataset import is_url
-from ..views import View, annotation
+from ..dataset import is_url, open_file
+from ..views import View, annotation, concat_text
 from .order import (
     epoch_order,
     num_batches,
@@ -43,11 +47,61 @@ def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+class Keys:
+    """Entry keys as one bytes buffer + offsets (Arrow's string layout): `keys[p]` is a str, made
+    on demand; no Python object per entry, so forked workers share the pages."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, p: int) -> str:
+        return self.data[self.offsets[p]:self.offsets[p + 1]].tobytes().decode()
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        return [self[p] for p in positions]
+
+    def arrow(self) -> pa.Array:
+        """All keys as an Arrow string array over the same memory (zero copy)."""
+        kind = pa.StringArray if self.offsets.dtype == np.int32 else pa.LargeStringArray
+        return kind.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+
+
+def shared_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of `arrays` in one MAP_SHARED anonymous mapping. Fork does not copy the page tables
+    of shared mappings, so a forked worker maps (and counts in its PSS) only the pages it reads,
+    and no refcount ever dirties them."""
+    sizes = [-(-a.nbytes // 64) * 64 for a in arrays.values()]
+    mm = mmap.mmap(-1, max(1, sum(sizes)))
+    out, at = {}, 0
+    for (name, a), size in zip(arrays.items(), sizes):
+        view = np.frombuffer(mm, a.dtype, count=a.size, offset=at).reshape(a.shape)
+        view[...] = a
+        view.flags.writeable = False
+        out[name] = view
+        at += size
+    return out
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """The smallest of int16/32/64 (or uint8/16/32) that holds `a` (16M entries: bytes count)."""
+    a = np.asarray(a)
+    if not len(a):
+        return a.astype(np.int32)
+    lo, hi = int(a.min()), int(a.max())
+    for t in (np.int16, np.int32, np.int64) if lo < 0 else (np.uint8, np.uint16, np.uint32, np.int64):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return a.astype(t, copy=False)
+    return a.astype(np.int64)
+
+
 @dataclass
 class EntryArrays:
-    """What a worker needs to read entries: flat arrays (cheap to fork/pickle)."""
+    """What a worker needs to read entries: flat arrays in shared memory (cheap to fork)."""
 
-    paths: list[str]
+    paths: list[str]  # one per shard
     shard_id: np.ndarray
     offset: np.ndarray
     size: np.ndarray
@@ -55,21 +109,38 @@ class EntryArrays:
     height: np.ndarray
     label: np.ndarray
     sample: np.ndarray
-    keys: list[str]
+    keys: Keys
     sha1: np.ndarray | None = None  # (n, 20) uint8 digests of the stored bytes, with verify=True
 
     @classmethod
     def of(cls, v: View, verify: bool = False) -> EntryArrays:
-        e = v.entries
-        sample = e["sample"].to_numpy().astype(np.int64)
-        sha1 = None
+        cols = ["key", "shard_id", "data_offset", "bytes", "width", "height", "label", "sample"]
+        t = v.table(cols)
+        key = pc.cast(t.column("key"), pa.large_string()).combine_chunks()
+        t = t.drop_columns(["key"])
+        off = np.frombuffer(key.buffers()[1], np.int64, count=len(key) + 1, offset=key.offset * 8)
+        data = np.frombuffer(key.buffers()[2] or b"", np.uint8)[off[0]:off[-1]]
+        off = off - off[0]  # 32-bit offsets while the keys take < 2 GiB (16M keys: 64 MB less)
+        arrays = {"key_data": data, "key_offsets": off.astype(np.int32) if off[-1] < 2**31 else off}
+        del key
+        for name in cols[1:]:
+            arrays[name] = _narrow(t.column(name).to_numpy())
+        del t
         if verify:  # the digests recorded at build time, gathered by sample id
-            hexes = v.dataset.samples(v.split)["sha1"].to_numpy()[sample]
-            sha1 = np.frombuffer(bytes.fromhex("".join(hexes)), np.uint8).reshape(len(sample), 20)
-        return cls([v.dataset.shard_path(v.split, s) for s in v.shards], e["shard_id"].to_numpy(),
-                   e["data_offset"].to_numpy(), e["bytes"].to_numpy(), e["width"].to_numpy(),
-                   e["height"].to_numpy(), e["label"].to_numpy().astype(np.int64),
-                   sample, e["key"].to_list(), sha1)
+            with open_file(v.dataset.samples_path(v.split)) as f:
+                hexes = pq.read_table(f, columns=["sha1"]).column("sha1")
+            raw = np.frombuffer(concat_text(pc.cast(hexes, pa.large_string()).combine_chunks()), np.uint8)
+            digests = np.frombuffer(bytes.fromhex(raw.tobytes().decode()), np.uint8).reshape(-1, 20)
+            arrays["sha1"] = digests[arrays["sample"]]
+        a = shared_arrays(arrays)
+        del arrays, data
+        pa.default_memory_pool().release_unused()  # the Arrow reads are copied: give their memory back
+        return cls([v.dataset.shard_path(v.split, s) for s in v.shards], a["shard_id"], a["data_offset"],
+                   a["bytes"], a["width"], a["height"], a["label"], a["sample"],
+                   Keys(a["key_data"], a["key_offsets"]), a.get("sha1"))
+
+    def __len__(self) -> int:
+        return len(self.shard_id)
 
     def check(self, p: int, data: bytes) -> bytes:
         """`data` of entry p, after comparing its sha1 with the recorded one (when verifying)."""

@@ -1,12 +1,16 @@
 """The DALI backend: `fn.readers.webdataset` over per-rank, per-epoch `.idx` files.
 
 Each epoch, this rank's share of the view (the same entries as the torch backend, from
-`_order`) is written as one `.idx` per shard it touches; DALI reads exactly what an index
-lists, repeats included. DALI's shuffle buffer (seeded by (seed, epoch)) mixes samples across
-the window of shards it holds. Decoding runs on the GPU (`mixed`) when CUDA is present and on
-the CPU (`device_id=None`) otherwise. Loader state records the entries already yielded, so a
-restored loader yields exactly the rest; a corrupt sample is found, reported and replaced by a
-repeat of a good one, so every rank keeps the same number of batches.
+`order`) is written as one `.idx` per shard it touches (formatted with Arrow string kernels,
+no Python work per entry); DALI reads exactly what an index lists, repeats included. DALI's
+shuffle buffer (seeded by (seed, epoch)) mixes samples across the window of shards it holds.
+Decoding runs on the GPU (`mixed`) when CUDA is present and on the CPU (`device_id=None`)
+otherwise. The pipeline is built with DALI's checkpointing: loader state carries the DALI
+checkpoint of the last batch yielded, and a restored loader rebuilds the same epoch from it and
+continues in exactly the order of the uninterrupted epoch. A corrupt sample is found, reported
+and replaced by a repeat of a good one, so every rank keeps the same number of batches; the
+rest of that epoch is then read from a fresh pipeline over the entries not yet yielded (state
+records them), in a fresh order.
 
 Curriculum quota batches (`quota=`) must hold exactly their planned entries, which a shuffle
 buffer would mix: there the encoded bytes of each planned batch are fed to DALI in order with
@@ -20,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections import Counter, defaultdict, deque
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..build.tar import format_idx
+from ..build.tar import IDX_VERSION
 from ..dataset import is_url
-from ..views import View
+from ..views import View, concat_text
 from .base import LoaderBase, ShardFiles, quota_groups
 from .transforms import TransformConfig
 
@@ -86,8 +90,10 @@ def _augment(jpg, cfg: TransformConfig, decode_device: str):
     return fn.stack(*crops)
 
 
-def _build(read, cfg: TransformConfig, batch_size: int, num_threads: int, device_id: int | None, seed: int):
-    """A pipeline returning (images, *extra), where `read()` -> (encoded JPEG node, extra outputs)."""
+def _build(read, cfg: TransformConfig, batch_size: int, num_threads: int, device_id: int | None, seed: int,
+           checkpointing: bool = False, checkpoint: bytes | str | None = None):
+    """A pipeline returning (images, *extra), where `read()` -> (encoded JPEG node, extra outputs);
+    with `checkpointing`, restorable, and restored from `checkpoint` when given."""
     from nvidia.dali import pipeline_def
 
     decode_device = "mixed" if device_id is not None else "cpu"
@@ -99,11 +105,12 @@ def _build(read, cfg: TransformConfig, batch_size: int, num_threads: int, device
 
     with _quiet_dali_aliases():
         return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    seed=seed, prefetch_queue_depth=2)
+                    seed=seed, prefetch_queue_depth=2, enable_checkpointing=checkpointing, checkpoint=checkpoint)
 
 
 def _pipeline(paths, index_paths, cfg: TransformConfig, batch_size: int, num_threads: int,
-              device_id: int | None, shuffle: bool, initial_fill: int, seed: int):
+              device_id: int | None, shuffle: bool, initial_fill: int, seed: int,
+              checkpoint: bytes | str | None = None):
     """DALI's webdataset reader over .idx files; outputs (images, source_info padded to _INFO_LEN)."""
     from nvidia.dali import fn
 
@@ -113,7 +120,7 @@ def _pipeline(paths, index_paths, cfg: TransformConfig, batch_size: int, num_thr
                                     missing_component_behavior="error", name="reader")
         return jpg, (fn.pad(fn.get_property(jpg, key="source_info"), axes=(0,), shape=(_INFO_LEN,)),)
 
-    return _build(read, cfg, batch_size, num_threads, device_id, seed)
+    return _build(read, cfg, batch_size, num_threads, device_id, seed, True, checkpoint)
 
 
 def _fed_pipeline(source, cfg: TransformConfig, batch_size: int, num_threads: int, device_id: int | None,
@@ -149,13 +156,23 @@ class DaliLoader(LoaderBase):
         elif device_id is None and torch.cuda.is_available():
             device_id = torch.cuda.current_device()
         self.device_id, self.num_threads, self.shuffle_buffer = device_id, max(1, num_workers), shuffle_buffer
-        self._consumed: list[int] = []
-        self._bad: set[int] = set()
         e = self.entries
-        self._where = {(int(s), int(o)): i for i, (s, o) in enumerate(zip(e.shard_id, e.offset))}
-        # repeats of one sample share one canonical position: consumption is counted per sample
-        self._canon = np.array([self._where[(int(s), int(o))] for s, o in zip(e.shard_id, e.offset)],
-                               dtype=np.int64)
+        # DALI reports a sample as (shard path, offset): sorted codes find its position; repeats of
+        # one sample share one canonical position (its first), so consumption is counted per sample
+        code = (e.shard_id.astype(np.int64) << 40) | e.offset.astype(np.int64)
+        if len(code) and (code[1:] >= code[:-1]).all():  # in shard order (a split, a written view): no sort
+            new = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+            self._codes, self._first = code[new], new.astype(np.int64)
+            self._canon = np.repeat(self._first, np.diff(np.r_[new, len(code)]))
+        else:
+            self._codes, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+            self._first = first.astype(np.int64)
+            self._canon = self._first[inverse.reshape(-1)]
+        self._path_id = {p: i for i, p in enumerate(e.paths)}
+        self._bad = np.zeros(len(e), dtype=bool)  # by canonical position
+        self._consumed: list[np.ndarray] = []
+        self._it: Any = None  # the live DALI iterator of an exactly planned epoch
+        self._restore: bytes | str | None = None  # a DALI checkpoint to continue from (load_state_dict)
         self._tmp = tempfile.mkdtemp(prefix="wvdata-dali-")
         self._checked = not self.verify
         # a missing shard file is found now, not by DALI mid-epoch: its entries are skipped,
@@ -163,50 +180,82 @@ class DaliLoader(LoaderBase):
         for sid in np.unique(e.shard_id):
             if not os.path.isfile(e.paths[sid]):
                 lost = np.flatnonzero(e.shard_id == sid)
-                self._bad |= set(lost.tolist())
+                self._bad[lost] = True
                 self._note_bad([(int(sid), e.keys[p], "FileNotFoundError: missing shard file") for p in lost])
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
     def _restart(self) -> None:
-        self._consumed = []
+        self._consumed, self._it, self._restore = [], None, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "consumed": np.asarray(self._consumed, dtype=np.int64)}
+        """Base state + the entries yielded this epoch + the DALI checkpoint after the last batch
+        yielded (None at an epoch's start, or once a corrupt sample forced a fresh pipeline)."""
+        dali = self._restore
+        if self._it is not None and self._batch:
+            dali = self._it.checkpoints()[0]
+        consumed = np.concatenate(self._consumed) if self._consumed else np.zeros(0, np.int64)
+        return {**super().state_dict(), "consumed": consumed.astype(np.int64), "dali": dali}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._consumed = [int(p) for p in state.get("consumed", [])]
+        self._it = None
+        self._consumed = [np.asarray(state.get("consumed", []), dtype=np.int64)]
+        self._restore = state.get("dali")
 
-    def _write_indexes(self, positions: list[int], tag: str) -> tuple[list[str], list[str], int]:
-        """One .idx per shard touched, in order of first appearance, entries in order."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for p in positions:
-            groups[int(self.entries.shard_id[p])].append(p)
+    def _plan(self, epoch: int) -> np.ndarray:
+        """This rank's canonical positions for `epoch`, known-bad ones replaced by good ones."""
+        planned = self._canon[self.positions(epoch)]
+        bad = self._bad[planned]
+        if bad.any():
+            good = planned[~bad] if (~bad).any() else np.zeros(1, np.int64)
+            planned = planned.copy()
+            planned[bad] = good[np.flatnonzero(bad) % len(good)]
+        return planned
+
+    def _remaining(self, epoch: int) -> np.ndarray:
+        """The plan minus the entries already yielded (as multisets), in plan order."""
+        planned = self._plan(epoch)
+        consumed = np.concatenate(self._consumed) if self._consumed else np.zeros(0, np.int64)
+        if not len(consumed):
+            return planned
+        done = np.bincount(consumed, minlength=len(self._canon))
+        order = np.argsort(planned, kind="stable")
+        ranked = planned[order]
+        run_start = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        occurrence = np.empty(len(planned), np.int64)
+        occurrence[order] = np.arange(len(planned)) - np.repeat(run_start, np.diff(np.r_[run_start, len(planned)]))
+        return planned[occurrence >= done[planned]]
+
+    def _write_indexes(self, positions: np.ndarray, tag: str) -> tuple[list[str], list[str], int]:
+        """One .idx per shard touched, in order of first appearance, entries in order; the lines
+        (`jpg OFFSET SIZE N.jpg`, N the line number: entries are known by (shard, offset), so the
+        names only need to differ) formatted by Arrow kernels over the whole plan at once."""
         e = self.entries
+        sid = e.shard_id[positions]
+        by_shard = np.argsort(sid, kind="stable")  # one (radix) sort: plan order within each shard
+        ranked = sid[by_shard]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if len(sid) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(sid)]
+        runs = np.argsort(by_shard[starts], kind="stable")  # shards in order of first appearance
+        starts, ends = starts[runs], ends[runs]
+        sizes = ends - starts
+        grouped = positions[by_shard[np.repeat(starts - np.r_[0, np.cumsum(sizes)[:-1]], sizes)
+                                     + np.arange(len(sid))]]
+        bounds = np.r_[0, np.cumsum(sizes)]
+        text, line_at = _idx_text(e, grouped, np.arange(len(grouped)) - np.repeat(bounds[:-1], sizes))
         paths, idx = [], []
-        for sid, ps in groups.items():
-            path = os.path.join(self._tmp, f"{tag}-{sid}.idx")
-            with open(path, "w") as f:
-                # each entry's .jpg member, from the entry arrays: no shard .idx needed
-                f.write(format_idx([f"jpg {e.offset[p]} {e.size[p]} {e.keys[p]}.jpg" for p in ps]))
-            paths.append(self.entries.paths[sid])
+        for k, s in enumerate(ranked[starts]):
+            path = os.path.join(self._tmp, f"{tag}-{s}.idx")
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            with open(path, "wb") as f:
+                f.write(f"{IDX_VERSION} {hi - lo}\n".encode())
+                f.write(text[line_at[lo] - line_at[0]:line_at[hi] - line_at[0]])
+            paths.append(e.paths[s])
             idx.append(path)
-        biggest = max((len(ps) for ps in groups.values()), default=1)
+        biggest = int(sizes.max()) if len(sizes) else 1
         return paths, idx, max(1, min(len(positions), biggest * self.window))
-
-    def _remaining(self, epoch: int) -> list[int]:
-        planned = self._canon[self.positions(epoch)].tolist()
-        left = Counter(planned)
-        left.subtract(Counter(self._consumed))
-        good = [p for p in planned if p not in self._bad] or [0]
-        out = []
-        for p in planned:
-            if left[p] > 0:
-                left[p] -= 1
-                out.append(p if p not in self._bad else good[len(out) % len(good)])
-        return out
 
     def _find_bad(self, positions: list[int], decode: bool = True) -> set[int]:
         """Read (and with `decode`, decode at 1/8 scale) entries to find the ones DALI would choke
@@ -216,7 +265,7 @@ class DaliLoader(LoaderBase):
         files = ShardFiles(e.paths)
         try:
             for p in dict.fromkeys(positions):
-                if p in self._bad:
+                if self._bad[p]:
                     continue
                 try:
                     data = e.check(p, files.read(e.shard_id[p], e.offset[p], e.size[p]))
@@ -231,49 +280,71 @@ class DaliLoader(LoaderBase):
             files.close()
         return bad
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _mark_bad(self, found: set[int]) -> set[int]:
+        """Record `found` as bad; return the ones that were not known before."""
+        newly = {p for p in found if not self._bad[p]}
+        self._bad[list(newly)] = True
+        return newly
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         self._begin()
         if not self._checked:  # verify=True: every sample's sha1, once per loader, before DALI reads it
-            self._bad |= self._find_bad(np.unique(self._canon).tolist(), decode=False)
+            self._mark_bad(self._find_bad(np.unique(self._canon).tolist(), decode=False))
             self._checked = True
         if self.quota is not None:
             yield from self._quota_iter()
             return
-        epoch = self.epoch
-        total = len(self)
+        epoch, total = self.epoch, len(self)
+        restore, self._restore = self._restore, None
+        exact = self._batch == 0 or restore is not None
         while self._batch < total:
-            remaining = self._remaining(epoch)
+            # the whole epoch's plan (exact: restorable from a DALI checkpoint), or after a corrupt
+            # sample or from a state without a checkpoint, the entries not yielded yet
+            todo = self._plan(epoch) if exact else self._remaining(epoch)
+            if not len(todo):
+                break
             tag = f"e{epoch}-b{self._batch}-r{self.rank}"
-            paths, idx, fill = self._write_indexes(remaining, tag)
+            paths, idx, fill = self._write_indexes(todo, tag)
             pipe = _pipeline(paths, idx, self.cfg, self.batch_size, self.num_threads, self.device_id,
                              self.shuffle, self.shuffle_buffer or fill,
-                             (hash((self.seed, epoch, self._batch)) & 0x7FFFFFFF))
-            it = DALIGenericIterator(pipe, ["images", "info"], reader_name="reader", auto_reset=False,
-                                     last_batch_policy=LastBatchPolicy.PARTIAL)
+                             hash((self.seed, epoch, 0 if exact else self._batch)) & 0x7FFFFFFF,
+                             restore if exact else None)
+            it = self._iterator(pipe)
+            self._it = it if exact else None
             try:
                 for out in it:
                     images, info = out[0]["images"], out[0]["info"].cpu().numpy()
-                    pos = [self._position(bytes(row).rstrip(b"\0").decode()) for row in info]
-                    self._consumed.extend(pos)
+                    pos = self._positions(info)
+                    self._consumed.append(pos)
                     self._batch += 1
                     e = self.entries
-                    batch = (images, torch.as_tensor(e.label[pos]), [e.keys[p] for p in pos])
-                    yield (*batch, torch.as_tensor(e.sample[pos])) if self.with_index else batch
-            except RuntimeError as e:  # a corrupt sample: find it, replace it, continue
-                newly = self._find_bad(remaining) - self._bad
+                    batch = (images, torch.as_tensor(e.label[pos].astype(np.int64)), e.keys.take(pos))
+                    yield (*batch, torch.as_tensor(e.sample[pos].astype(np.int64))) if self.with_index else batch
+            except RuntimeError as err:  # a corrupt sample: find it, replace it, continue
+                newly = self._mark_bad(self._find_bad(self._remaining(epoch).tolist()))
                 if not newly:
                     raise
-                log.debug("DALI error %s; restarting without %d bad entries", e, len(newly))
-                self._bad |= newly
+                log.debug("DALI error %s; restarting without %d bad entries", err, len(newly))
+                exact, restore, self._it = False, None, None
             finally:
                 del it, pipe
-        self.epoch, self._batch, self._consumed = epoch + 1, 0, []
+            if exact:
+                break
+        self.epoch, self._batch, self._consumed, self._it = epoch + 1, 0, [], None
 
-    def _position(self, source_info: str) -> int:
-        path, offset, _ = source_info.rsplit(":", 2)
-        return self._where[(self.entries.paths.index(path), int(offset))]
+    def _iterator(self, pipe):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        return DALIGenericIterator(pipe, ["images", "info"], reader_name="reader", auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def _positions(self, info: np.ndarray) -> np.ndarray:
+        """Canonical positions of a batch from DALI's source_info rows (`path:offset:...`)."""
+        codes = np.empty(len(info), np.int64)
+        for i, row in enumerate(info):
+            path, offset, _ = bytes(row).rstrip(b"\0").decode().rsplit(":", 2)
+            codes[i] = (self._path_id[path] << 40) | int(offset)
+        return self._first[np.searchsorted(self._codes, codes)]
 
     # ------------------------------------------------------------ curriculum quota batches
 
@@ -297,15 +368,14 @@ class DaliLoader(LoaderBase):
                     pos = fed.popleft()
                     self._batch += 1
                     e = self.entries
-                    batch = (out[0]["images"], torch.as_tensor(e.label[pos]), [e.keys[p] for p in pos])
-                    yield (*batch, torch.as_tensor(e.sample[pos])) if self.with_index else batch
+                    batch = (out[0]["images"], torch.as_tensor(e.label[pos].astype(np.int64)), e.keys.take(pos))
+                    yield (*batch, torch.as_tensor(e.sample[pos].astype(np.int64))) if self.with_index else batch
             except RuntimeError as e:  # a corrupt sample: find it among the batches fed, restart there
-                newly = self._find_bad([int(self._canon[p]) for ps in fed for p in ps]) - self._bad
+                newly = self._mark_bad(self._find_bad([int(self._canon[p]) for ps in fed for p in ps]))
                 if not newly:
                     raise
                 log.debug("DALI error %s; restarting at batch %d without %d bad entries", e, self._batch,
                           len(newly))
-                self._bad |= newly
             finally:
                 del it, pipe
         self.epoch, self._batch = epoch + 1, 0
@@ -324,10 +394,8 @@ class DaliLoader(LoaderBase):
                                 for p in ps]
                         break
                     except Exception:  # noqa: BLE001 - find which, mark it bad, refill the batch
-                        newly = self._find_bad([int(self._canon[p]) for p in ps], decode=False) - self._bad
-                        if not newly:
+                        if not self._mark_bad(self._find_bad([int(self._canon[p]) for p in ps], decode=False)):
                             raise
-                        self._bad |= newly
                 fed.append(ps)
                 yield data
         finally:
@@ -336,17 +404,37 @@ class DaliLoader(LoaderBase):
     def _replace_bad(self, batch: np.ndarray) -> np.ndarray:
         """`batch` with each known-bad entry replaced by a good one of the batch, of the same subset
         if it has one (so the quota holds), else of any subset."""
-        bad = np.array([int(c) in self._bad for c in self._canon[batch]], dtype=bool)
+        bad = self._bad[self._canon[batch]]
         if not bad.any():
             return batch
         groups = self.quota[1]
         good = batch[~bad]
         if not len(good):  # a whole batch unreadable: borrow good entries from the rest of the view
-            good = np.array([p for p in range(len(self._canon)) if int(self._canon[p]) not in self._bad][:1]
-                            or [int(batch[0])], dtype=np.int64)
+            good = np.flatnonzero(~self._bad[self._canon])[:1]
+            if not len(good):
+                good = batch[:1]
         out = batch.copy()
         for j in np.flatnonzero(bad):
             same = good[groups[good] == groups[batch[j]]]
             pick = same if len(same) else good
             out[j] = pick[j % len(pick)]
         return out
+
+
+def _idx_text(e, positions: np.ndarray, names: np.ndarray) -> tuple[memoryview, np.ndarray]:
+    """`jpg OFFSET SIZE NAME.jpg` lines of `positions`, newline-terminated, back to back, and the
+    byte offset of each line's start (plus the end): Arrow string kernels, no loop per entry."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lt = pa.large_string()
+
+    def text(a: np.ndarray):
+        return pc.cast(pa.array(a), lt)
+
+    lines = pc.binary_join_element_wise(
+        pa.scalar("jpg", lt), text(e.offset[positions]), text(e.size[positions]),
+        pc.binary_join_element_wise(text(names), pa.scalar(".jpg\n", lt), pa.scalar("", lt)), pa.scalar(" ", lt))
+    lines = lines.cast(lt)
+    offsets = np.frombuffer(lines.buffers()[1], np.int64, count=len(lines) + 1, offset=lines.offset * 8)
+    return concat_text(lines), offsets

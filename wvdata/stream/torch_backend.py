@@ -5,6 +5,7 @@ entries from few shards and hands over a finished uint8 batch.
 """
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from ..views import View
-from .base import EntryArrays, LoaderBase, ShardFiles
+from .base import EntryArrays, LoaderBase, ShardFiles, shared_arrays
 from .transforms import TransformConfig, eval_images, make_randaug, train_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -82,12 +83,21 @@ class TorchLoader(LoaderBase):
     def __iter__(self) -> Iterator[Batch]:
         self._begin()
         epoch, start = self.epoch, self._batch
-        data = _Batches(self.entries, self.positions(epoch), self.batch_size, self.cfg, self.seed,
-                        epoch, self.rank)
+        # the epoch plan in shared memory too: workers read only their batches' pages of it
+        plan = shared_arrays({"plan": self.positions(epoch)})["plan"]
+        data = _Batches(self.entries, plan, self.batch_size, self.cfg, self.seed, epoch, self.rank)
         if self.num_workers > 0:
-            it = iter(torch.utils.data.DataLoader(
-                data, batch_size=None, sampler=range(start, len(data)), num_workers=self.num_workers,
-                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+            make_randaug(self.cfg)  # imports torchvision here, once, not in every forked worker
+            # the main process's objects leave the collector's reach while workers fork: a worker's
+            # collections then never write to (and so copy) the pages it shares with the main process
+            gc.collect()
+            gc.freeze()
+            try:
+                it = iter(torch.utils.data.DataLoader(
+                    data, batch_size=None, sampler=range(start, len(data)), num_workers=self.num_workers,
+                    pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+            finally:
+                gc.unfreeze()
         else:
             it = (data[i] for i in range(start, len(data)))
         for images, labels, keys, bad, ids in it:
