@@ -195,9 +195,13 @@ def main(argv=None) -> int:
     p.add_argument("--radius", type=int, default=10)
     p.add_argument("--planted", type=int, default=2000)
     p.add_argument("--clustered", type=float, default=0.5, help="share of images in clusters (signatures)")
+    p.add_argument("--sigs", type=int, default=None, help="signature-level images (overrides --scale)")
+    p.add_argument("--max-cluster", type=int, default=None, help="largest cluster (overrides --scale)")
     p.add_argument("--quality", action="store_true", help="also print the distance tables")
     args = p.parse_args(argv)
-    sc = SCALES[args.scale]
+    sc = dict(SCALES[args.scale])
+    sc["sigs"] = args.sigs or sc["sigs"]
+    sc["max_cluster"] = args.max_cluster or sc["max_cluster"]
     sections = [s for s in args.sections.split(",") if s]
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
     from benchmarks._common import machine
@@ -379,7 +383,7 @@ def run_signatures(n: int, max_cluster: int, clustered: float, compare_n: int) -
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"  peak memory (max RSS of this process): {peak:.2f} GB; {load()}")
     result("dedup", f"{n} images at the signature level: search + verify + cluster", out["seconds"], "s",
-           higher_is_better=False, target=60.0)
+           higher_is_better=False, target=60.0 if n >= 1_000_000 else None)  # the target is for 1M
     del h
     hs, ts = synthetic_signatures(compare_n, max(2, max_cluster // 5), clustered, seed=2)
     print(f"  collapse vs pairwise on {compare_n} images (clusters up to {max(2, max_cluster // 5)}):")
