@@ -9,7 +9,9 @@ It writes the run directory: config.json, metrics.jsonl, checkpoint.pt, scores/{
 + {split}_keys.parquet, margins/epoch-NNN.parquet (+ threshold.parquet).
 
 Multi-scale training (`--train-sizes 160,192,224`) changes the size per epoch, cycling
-through the list; evaluation averages softmax over `--eval-sizes` x `--eval-crops`.
+through the list; evaluation averages softmax over `--eval-sizes` x `--eval-crops`. Evaluation
+never holds an N x C matrix: each rank writes float16 rows to OUT/.eval/ and rank 0 assembles
+the score file from them (trainer/evaluate.py), so all ranks must see OUT (one node, or shared).
 """
 from __future__ import annotations
 
@@ -509,11 +511,14 @@ def main(argv: list[str] | None = None) -> int:
             if env.world > 1:
                 dist.destroy_process_group()
             return 0
+        margins = None  # rank 0 writes the epoch's margins file while val is scored, and before the checkpoint
         if state.aum is not None:
-            write_margins(state.aum, out / "margins" / f"epoch-{epoch:03d}.parquet", data.samples["key"],
-                          data.labels.cpu().numpy(), env.rank)
+            margins = write_margins(state.aum, out / "margins" / f"epoch-{epoch:03d}.parquet", data.samples["key"],
+                                    data.labels.cpu().numpy(), env.rank, background=True)
         last = epoch == data.epochs - 1  # its val scores are the final ones: write them now, not score twice
         evaluate_and_log(state.eval_model, data, stats, epoch, out, env, write=last)
+        if margins is not None:
+            margins.result()
         save_checkpoint(ckpt_path, state, epoch + 1, None, env, config)
 
     write_scores(state.eval_model, data, out, env, done=("val",) if state.epoch < data.epochs else ())
