@@ -77,8 +77,9 @@ def run_module(package: str, name: str, scale: str, out: Path, timeout: float | 
         why = f"timed out after {timeout:.0f}s" if timed_out else f"exit status {rc}"
         summary["error"] = f"{why}: {last}"[:500]
         rows.append({"bench": name, "figure": "(failed)", "status": "failed", "error": summary["error"]})
-    elif not rows:
-        rows.append({"bench": name, "figure": "(no RESULT lines; see the .txt)", "status": "skipped"})
+    elif not rows:  # e.g. gpu_bench without CUDA: its last line says why
+        last = next((s.strip() for s in reversed(text) if s.strip()), "")[:200]
+        rows.append({"bench": name, "figure": "(no figures)", "status": "skipped", "error": last})
     print(f"== {name}: {summary['status']} in {seconds:.0f}s, {len(rows)} rows [{load()}]", flush=True)
     return summary, rows
 

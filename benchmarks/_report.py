@@ -84,7 +84,7 @@ def _target(r: dict) -> str:
     if r.get("target") is None:
         return "-"
     if "ratio" in r:
-        return f">= {r['target']:g}x"
+        return f">= {r['target']:.3g}x"
     return f"{'>=' if r.get('higher_is_better', True) else '<='} {_num(r['target'], r.get('unit', ''))}"
 
 
@@ -128,13 +128,13 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     Green: at or above its target (or 1x without one); red: below."""
     from PIL import Image, ImageDraw, ImageFont
 
-    data = [(f"{r['bench']}: {r['figure']}", r["ratio"], r.get("target")) for r in rows
+    data = [(f"{r['bench']}: {r['figure']} (vs {r['baseline']})", r["ratio"], r.get("target")) for r in rows
             if r.get("status") == "ok" and r.get("ratio") and r["ratio"] > 0]
     try:
         font = ImageFont.load_default(size=13)  # scalable (Pillow >= 10.1)
     except TypeError:
         font = ImageFont.load_default()
-    label_w = max([font.getlength(lab[:70]) for lab, _, _ in data] + [200]) + 20
+    label_w = max([font.getlength(lab[:100]) for lab, _, _ in data] + [200]) + 20
     plot_w, bar_h, top = 560, 20, 50
     width, height = int(label_w + plot_w + 80), top + max(len(data), 1) * bar_h + 50
     img = Image.new("RGB", (width, height), "white")
@@ -162,7 +162,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     for i, (label, v, target) in enumerate(data):
         y = top + i * bar_h
         good = v >= (target if target is not None else 1.0)
-        d.text((10, y + 3), label[:70], fill="black", font=font)
+        d.text((10, y + 3), label[:100], fill="black", font=font)
         d.rectangle([(x_of(min(v, 1.0)), y + 2), (x_of(max(v, 1.0)), y + bar_h - 3)],
                     fill=(60, 160, 80) if good else (200, 70, 60))
         d.text((x_of(max(v, 1.0)) + 4, y + 3), f"{v:.2f}x", fill="black", font=font)

@@ -354,7 +354,7 @@ def results(wall: dict[str, float], cpu: dict[str, float]) -> None:
         baseline="webdataset+torchvision", baseline_value=cpu["webdataset"], higher_is_better=False)
     for peer, label in (("litdata", "LitData StreamingDataLoader"), ("mosaic streaming", "MosaicML StreamingDataset")):
         if peer in wall:
-            res("stream", f"{aug}, torch backend vs {label}", wall["torch"], "img/s", baseline=label,
+            res("stream", f"{aug}, torch backend", wall["torch"], "img/s", baseline=label,
                 baseline_value=wall[peer])
 
 
