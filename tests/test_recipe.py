@@ -219,4 +219,4 @@ def test_demo_config_is_shipped_and_lists_its_stages(capsys, tmp_path):
     assert [x.split()[0] for x in lines] == ["crawl", "build", "dedup", "clean", "round1", "aum", "embed",
                                              "curriculum", "filtered", "round2", "clean-first", "ensemble", "report"]
     assert all(" to run " in x for x in lines)
-    assert any("torch" not in x and "trainer.train" in x and "--lr 2.0" in x for x in lines)
+    assert any("python -m trainer.train" in x and "--view filtered --stages" in x for x in lines)

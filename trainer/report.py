@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 METRICS = ("top1", "top5", "class_top1", "class_top5")
+MODEL_HEAD = ["model", "trained on", "epochs", "top-1", "top-5", "class top-1", "class top-5", "held-out top-1",
+              "held-out top-5", "held-out class top-1", "held-out class top-5"]
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame | None:
@@ -163,9 +165,9 @@ def write_report(cfg: Config, state: dict[str, Any]) -> Path:
              "<h2>Funnel: train samples through the stages</h2>",
              _table(["stage", "samples after", "dropped", "why"], funnel(cfg, state))]
     parts += ["<h2>Models on val</h2><p>Full val (last epoch) and the held-out half of val the ensemble reports on "
-              "(the ensemble's weights are fitted on the other half). Percent.</p>",
-              _table(["model", "trained on", "epochs", "top-1", "top-5", "class top-1", "class top-5",
-                      "held-out top-1", "held-out top-5", "held-out class top-1", "held-out class top-5"], models)]
+              "(the ensemble's weights are fitted on the other half). Percent.</p>" if models else
+              "<h2>Models on val</h2><p>No model trained yet.</p>",
+              "" if not models else _table(MODEL_HEAD, models)]
     if curves:
         curves_png(curves, figs / "curves.png")
         parts.append("<p><img src='figures/curves.png' alt='val top-1 per epoch'></p>")
@@ -182,7 +184,8 @@ def write_report(cfg: Config, state: dict[str, Any]) -> Path:
         s = rec.get("stats") or {}
         secs = s.get("seconds") or rec.get("seconds")
         ips = f"{s['images'] / secs:.0f}" if s.get("images") and secs else ""
-        stage_rows.append([name, rec.get("status", ""), time.strftime("%H:%M:%S", time.localtime(rec["started"]))
+        status = "this report" if name == "report" else rec.get("status", "")
+        stage_rows.append([name, status, time.strftime("%H:%M:%S", time.localtime(rec["started"]))
                            if rec.get("started") else "", f"{secs:.1f}" if secs else "",
                            f"{int(s['images'])}" if s.get("images") else "", ips])
     parts += ["<h2>Stages</h2><p>Images/sec: images the stage processed (a training stage: every image of every "
