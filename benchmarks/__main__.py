@@ -6,8 +6,9 @@ its output goes to the terminal and to DIR/NAME.txt, and its `RESULT {json}` lin
 `benchmarks._common.result`) are collected into DIR/results.json (with the machine), DIR/results.md
 (one table: benchmark, figure, wvdata, baseline, ratio, target, met) and DIR/ratios.png. A module
 that fails is reported as failed and the run goes on; one that does not exist (yet) is skipped
-with a note. `--scale small` fits in about 10 minutes on 2 cores; full takes hours (sizes in each
-module's docstring). gpu_bench skips itself in one line without CUDA.
+with a note. `--scale small` aims at about 10 minutes on 2 idle cores (26 minutes measured with
+other jobs at load 9-15, benchmarks/results/small); full takes hours (sizes in each module's
+docstring). gpu_bench skips itself in one line without CUDA.
 """
 from __future__ import annotations
 
