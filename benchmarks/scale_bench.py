@@ -205,9 +205,12 @@ def measure(what: str, ds: str) -> dict:
         cols = [c for c in views.ENTRY_COLUMNS if c != "sample"]
         ent = pl.read_parquet(Path(ds) / "train" / "samples.parquet", columns=cols)
         ent = ent.with_row_index("sample").select(views.ENTRY_COLUMNS)
+        name = f"scale-bench-{os.getpid()}"
         t0 = time.perf_counter()
-        v = views.write_view(ds, "all", ent, "train")
-        return {"view_write_s": time.perf_counter() - t0, "entries": len(v)}
+        v = views.write_view(ds, name, ent, "train")
+        took = time.perf_counter() - t0
+        shutil.rmtree(Path(ds) / "views" / name, ignore_errors=True)
+        return {"view_write_s": took, "entries": len(v)}
     raise ValueError(what)
 
 
@@ -254,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
         row = run_child(what, ds, code, args.timeout)
         print(f"  {what}: {row}", flush=True)
         got.update({f"{what}_{k}" if k in ("first_batch_s", "error", "entries") else k: v for k, v in row.items()})
-    shutil.rmtree(ds / "views", ignore_errors=True)
     figures = [("worker_pss_mb", "torch worker PSS", "MB"), ("main_rss_mb", "torch main process RSS", "MB"),
                ("torch_first_batch_s", "torch loader first batch", "s"),
                ("dali_first_batch_s", "DALI loader first batch", "s"),
