@@ -1,6 +1,8 @@
 """The `wvdata` command: a thin layer over the public Python functions.
 
-Every stage module registers its own subcommand with `add_cli(subparsers)`.
+Every stage module registers its own subcommand with `add_cli(subparsers)`. A command line that
+names its stage imports only that stage's module (`wvdata build` never loads curriculum's numba
+kernels); `wvdata --help` and a bare `wvdata` register them all.
 """
 from __future__ import annotations
 
@@ -14,9 +16,18 @@ from ._args import HelpFormatter, Parser
 
 __all__ = ["main", "make_parser", "HelpFormatter", "STAGES"]
 STAGES: tuple[str, ...] = ("build", "info", "views", "dedup", "verify", "aum", "embed", "curriculum")
+_COMMANDS = {"view": "views"}  # command -> its module, where the names differ
 
 
-def make_parser() -> argparse.ArgumentParser:
+def _stage_of(argv: Sequence[str] | None) -> str | None:
+    """The stage module a command line names (its first word that is not an option), if any."""
+    word = next((a for a in argv or () if not a.startswith("-")), None)
+    module = _COMMANDS.get(word, word) if word else None
+    return module if module in STAGES else None
+
+
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `wvdata` parser: every stage's subcommand, or only the one `argv` names."""
     from . import __version__
 
     p = Parser(prog="wvdata", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -24,7 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # defaults shown
-    for module in STAGES:
+    stage = _stage_of(argv)
+    for module in (stage,) if stage else STAGES:
         importlib.import_module(f"wvdata.{module}").add_cli(sub)
     return p
 
@@ -32,7 +44,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
-    args = make_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    args = make_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - every error is one line (disk full, permission, bad input)
