@@ -1,22 +1,14 @@
 """`python -m trainer.recipe CONFIG`: the whole WebVision recipe as one resumable command.
 
-    python -m trainer.recipe my.toml                  # run every stage not yet done
-    python -m trainer.recipe my.toml --from round2    # rerun round2 and everything after it
-    python -m trainer.recipe demo --out demo-out      # the packaged demo config (make demo)
-    python -m trainer.recipe my.toml --list           # the stages and which would run
+    python -m trainer.recipe my.toml [--from round2] [--list]   # every stage not yet done
+    python -m trainer.recipe demo --out demo-out                # the packaged demo config (make demo)
 
-One TOML file names the crawl and the stages; each stage is one call of a public wvdata function
-or a trainer command, in this order: [crawl] (generated, demo only) -> build -> dedup -> clean (a
-view without duplicates and leaks) -> round1 (trainer --aum) -> aum -> embed -> curriculum ->
-filtered (clean minus the AUM-flagged) -> the [[models]] (round 2 and more, each a trainer run)
--> ensemble (trainer.ensemble) -> report (report.html). Training and the ensemble run as
-subprocesses (`python -m trainer.train`, or torchrun with `nproc_per_node` / `nnodes`).
-
-Resumable: OUT/recipe-state.json records what each stage consumed (a fingerprint of its input
-files and options). A stage whose outputs exist and whose fingerprint is unchanged is skipped; a
-stage cut short (killed) is resumed where its command can (build --resume, trainer --resume,
-embed's finished chunks) and rerun otherwise; `--from STAGE` forces a rerun from there.
-Scale-out is configuration: `engine = "ray"` (build, dedup, embed), `nproc_per_node`/`nnodes`.
+One TOML file names the crawl and the stages; each stage is one call of a public wvdata function or
+a trainer command: [crawl] -> build -> dedup -> clean -> round1 (--aum) -> aum -> embed -> curriculum
+-> filtered -> [[models]] -> ensemble -> report. OUT/recipe-state.json records what each stage
+consumed (input fingerprints + options): an unchanged stage with its outputs is skipped, one cut
+short resumes, `--from STAGE` reruns from there. Scale-out is configuration (`engine = "ray"`,
+`nproc_per_node` / `nnodes`). Every option and rule: docs/recipe.md.
 """
 from __future__ import annotations
 
@@ -37,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cli import run_main
+from .report import print_plan, print_summary, write_report
 
 try:
     import tomllib
@@ -95,12 +88,9 @@ class Config:
 
 def config_path(name: str) -> Path:
     """A config file, or the name of one shipped in trainer/recipes/ (`demo`)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    packaged = RECIPES / f"{name}.toml"
-    if packaged.is_file():
-        return packaged
+    for p in (Path(name), RECIPES / f"{name}.toml"):
+        if p.is_file():
+            return p
     raise RecipeError(f"config {name!r} not found (a TOML file, or one of: "
                       f"{', '.join(sorted(q.stem for q in RECIPES.glob('*.toml')))})")
 
@@ -325,7 +315,7 @@ def plan(cfg: Config) -> list[Stage]:
                             [cfg.run_dir(r) / "scores" for r in runs], [o / "ensemble" / "metrics.json"],
                             {"runs": runs, **eopts}, lambda r: _ensemble(cfg, runs, eopts)))
     stages.append(Stage("report", f"(trainer.report) {o}/report.html", [], [o / "report.html"], None,
-                        lambda r: _report(cfg)))
+                        lambda r: {"path": str(write_report(cfg, read_state(cfg.out)))}))
     return stages
 
 
@@ -382,10 +372,7 @@ def _view(cfg: Config, name: str, opts: dict[str, Any]) -> dict[str, Any]:
     from wvdata.views import view
 
     t0 = time.perf_counter()
-    o = dict(opts)
-    if isinstance(o.get("subsets"), list):
-        o["subsets"] = [None if s == "none" else int(s) for s in o["subsets"]]
-    v = view(cfg.dataset, name, **o)
+    v = view(cfg.dataset, name, **opts)
     unique = v.entries["key"].n_unique()
     print(f"view {name}: {len(v)} entries, {unique} unique samples, {v.entries['label'].n_unique()} classes")
     return {"images": len(v), "unique": unique, "seconds": time.perf_counter() - t0}
@@ -483,25 +470,13 @@ def _ensemble(cfg: Config, runs: list[str], opts: dict[str, Any]) -> dict[str, A
     return {"images": n, "seconds": time.perf_counter() - t0}
 
 
-def _report(cfg: Config) -> dict[str, Any]:
-    from .report import write_report
-
-    t0 = time.perf_counter()
-    path = write_report(cfg, read_state(cfg.out))
-    return {"path": str(path), "seconds": time.perf_counter() - t0}
-
-
 # ---------------------------------------------------------------- subprocesses
 
 
 def _die_with_parent() -> None:
     """In the child: die when the recipe dies (SIGKILL included), so no trainer is left running."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        __import__("ctypes").CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 _CHILD: list[subprocess.Popen] = []
@@ -595,39 +570,8 @@ def run(cfg: Config, start: str | None = None) -> dict[str, Any]:
             ips = stats.get("images", 0) / max(stats.get("seconds") or seconds, 1e-9)
             print(f"{head}: done in {seconds:.1f}s" + (f" ({ips:.0f} images/s)" if stats.get("images") else ""),
                   flush=True)
-        summary(cfg, state, time.perf_counter() - t_all)
+        print_summary(cfg, state, time.perf_counter() - t_all)
     return state
-
-
-def summary(cfg: Config, state: dict[str, Any], seconds: float) -> None:
-    """The last lines: each model's val accuracy, round 1 against the AUM-filtered rounds, where the report is."""
-    print(f"\nrecipe finished in {seconds:.0f}s; val accuracy (top-1 / class-averaged top-5):")
-    acc = {}
-    for name in cfg.train:
-        st = state["stages"].get(name, {}).get("stats", {})
-        if "val_top1" in st:
-            acc[name] = st["val_top1"]
-            print(f"  {name:<14} {100 * st['val_top1']:6.2f}% / {100 * st['val_class_top5']:6.2f}%  "
-                  f"(chance {100 / max(1, _num_classes(cfg)):.0f}%)")
-    ens = cfg.out / "ensemble" / "metrics.json"
-    if ens.exists():
-        m = json.loads(ens.read_text())
-        for k in ("average", "ga"):
-            if k in m:
-                print(f"  ensemble {k:<5} {100 * m[k]['heldout_top1']:6.2f}% / {100 * m[k]['heldout_class_top5']:6.2f}%"
-                      "  (held-out half of val)")
-    for name, a in acc.items():
-        if name != "round1" and cfg.train[name]["view"] == "filtered" and "round1" in acc:
-            verdict = "beats" if a > acc["round1"] else "does not beat"
-            print(f"AUM-filtered {name} {100 * a:.2f}% {verdict} round 1 {100 * acc['round1']:.2f}% (val top-1)")
-    print(f"report: {cfg.out / 'report.html'}")
-
-
-def _num_classes(cfg: Config) -> int:
-    try:
-        return len(json.loads((cfg.dataset / "dataset.json").read_text())["classes"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -641,15 +585,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.out, args.crawl)
     if args.list:
-        state = read_state(cfg.out) if cfg.out.is_dir() else {"stages": {}}
-        stages = plan(cfg)
-        for st in stages:
-            fp = stage_fingerprint(st, state, [s.name for s in stages])[0]
-            status = "done" if up_to_date(st, state["stages"].get(st.name), fp) else "to run"
-            print(f"{st.name:<12} {status:<7} {st.command}")
-        return 0
+        return print_plan(cfg)
     signal.signal(signal.SIGTERM, _forward_sigterm)
-    run(cfg, args.start)
+    try:
+        run(cfg, args.start)
+    except KeyboardInterrupt:  # Ctrl-C: the stage under way stays `started` and resumes on the next run
+        print("\ntrainer.recipe: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

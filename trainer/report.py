@@ -206,3 +206,47 @@ def write_report(cfg: Config, state: dict[str, Any]) -> Path:
     (out / "report.html").write_text("\n".join(parts) + "\n", encoding="utf-8")
     print(f"wrote {out / 'report.html'}")
     return out / "report.html"
+
+
+def print_summary(cfg: Config, state: dict[str, Any], seconds: float) -> None:
+    """The last lines: each model's val accuracy, round 1 against the AUM-filtered rounds, where the report is."""
+    print(f"\nrecipe finished in {seconds:.0f}s; val accuracy (top-1 / class-averaged top-5):")
+    acc = {}
+    for name in cfg.train:
+        st = state["stages"].get(name, {}).get("stats", {})
+        if "val_top1" in st:
+            acc[name] = st["val_top1"]
+            print(f"  {name:<14} {100 * st['val_top1']:6.2f}% / {100 * st['val_class_top5']:6.2f}%  "
+                  f"(chance {100 / max(1, _num_classes(cfg)):.0f}%)")
+    ens = cfg.out / "ensemble" / "metrics.json"
+    if ens.exists():
+        m = json.loads(ens.read_text())
+        for k in ("average", "ga"):
+            if k in m:
+                print(f"  ensemble {k:<5} {100 * m[k]['heldout_top1']:6.2f}% / {100 * m[k]['heldout_class_top5']:6.2f}%"
+                      "  (held-out half of val)")
+    for name, a in acc.items():
+        if name != "round1" and cfg.train[name]["view"] == "filtered" and "round1" in acc:
+            verdict = "beats" if a > acc["round1"] else "does not beat"
+            print(f"AUM-filtered {name} {100 * a:.2f}% {verdict} round 1 {100 * acc['round1']:.2f}% (val top-1)")
+    print(f"report: {cfg.out / 'report.html'}")
+
+
+def _num_classes(cfg: Config) -> int:
+    try:
+        return len(json.loads((cfg.dataset / "dataset.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def print_plan(cfg: Config) -> int:
+    """`--list`: each stage, whether it would run now, and its command."""
+    from .recipe import plan, read_state, stage_fingerprint, up_to_date
+
+    state = read_state(cfg.out) if cfg.out.is_dir() else {"stages": {}}
+    stages = plan(cfg)
+    for st in stages:
+        fp = stage_fingerprint(st, state, [s.name for s in stages])[0]
+        status = "done" if up_to_date(st, state["stages"].get(st.name), fp) else "to run"
+        print(f"{st.name:<12} {status:<7} {st.command}")
+    return 0
