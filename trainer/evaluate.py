@@ -42,7 +42,7 @@ def evaluate(model: torch.nn.Module, ds: Dataset, split: str, *, rank: int, worl
     from wvdata.stream import loader, normalize
 
     num_classes = ds.num_classes
-    samples = ds.samples(split)
+    samples = ds.samples(split, ["key", "label"])
 
     def one_size(size: int) -> Pass:
         def run() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import wvdata
 from wvdata.cli import HelpFormatter
 from wvdata.stream import loader, normalize
-from wvdata.views import balance_per_class, load_view, memory_view, select
+from wvdata.views import ENTRY_COLUMNS, balance_per_class, load_view, memory_view, select
 
 from ._cli import run_main
 from .aum import MarginAccumulator, threshold_samples, write_margins
@@ -169,7 +169,7 @@ class Data:
         if subsets is None and not self.per_class:
             v = load_view(self.ds, self.view, "train")
         else:
-            df = select(self.ds, "train", keys=self.view_keys, subsets=subsets)
+            df = select(self.ds, "train", keys=self.view_keys, subsets=subsets, columns=ENTRY_COLUMNS)
             if self.per_class:
                 df = balance_per_class(df, self.per_class, seed=self.seed * 100003 + epoch)
             v = memory_view(self.ds, df, "train")
@@ -183,7 +183,7 @@ class Data:
 def setup_data(args: argparse.Namespace, device: torch.device) -> Data:
     """Open the dataset, relabel the AUM threshold samples, plan the curriculum; fail early on a bad plan."""
     ds = wvdata.open_dataset(args.data)
-    samples = ds.samples("train")
+    samples = ds.samples("train", ["key", "label"])  # not the wide text columns (GBs at 16M)
     labels = torch.as_tensor(samples["label"].to_numpy().copy(), dtype=torch.int64)
     fake = (threshold_samples(samples.height, ds.num_classes, args.seed, args.aum_threshold_part)
             if args.aum_threshold_samples else None)
