@@ -245,6 +245,24 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(built, tm
     assert taken_over[-1]["command"] == "doomed" and holder(built) is None
 
 
+def test_a_killed_writers_forked_workers_do_not_keep_its_lease(tmp_path):
+    """A writer SIGKILLed while its forked workers live on: the lease is free at once (workers
+    close the inherited lock fd at fork; the build's pool workers also die with their parent)."""
+    script = ("import os, sys, time; from wvdata.lock import dataset_lock\n"
+              f"with dataset_lock({str(tmp_path)!r}, 'parent'):\n"
+              "    if os.fork() == 0:\n        time.sleep(60); os._exit(0)\n"
+              "    print('ready', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.kill()
+        proc.wait()
+        with dataset_lock(tmp_path, "next writer"):  # refused while the orphan held the lock
+            assert holder(tmp_path).command == "next writer"
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", f"dataset_lock({str(tmp_path)!r}"], check=False)
+
 def test_racing_builds_into_one_directory(tmp_path):
     src = _folder(tmp_path / "src", per_class=6)
     out = tmp_path / "ds"

@@ -32,9 +32,22 @@ def tick(n: int) -> None:
             _COUNTER.value += n
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when its parent dies, instead of working on as an orphan."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _init_worker(counter) -> None:
     global _COUNTER, _BAR
     _COUNTER, _BAR = counter, None
+    _die_with_parent()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     torch = sys.modules.get("torch")

@@ -24,6 +24,22 @@ from dataclasses import asdict, dataclass, field
 
 LOCK_NAME = ".wvdata.lock"
 taken_over: list[dict] = []  # records of dead holders taken over in this process (for tests and logs)
+_held: set[int] = set()  # fds of the leases this process holds
+
+
+def _close_inherited() -> None:
+    """In a forked child (a pool or DataLoader worker): close, without unlocking, the lease fds
+    inherited from the parent. A flock lives as long as any fd of it is open, so otherwise a
+    worker left running after its parent was killed would keep the dataset locked."""
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 class DatasetLocked(RuntimeError):
@@ -101,9 +117,11 @@ def dataset_lock(root: str | os.PathLike, command: str) -> Iterator[Lease]:
     lease = Lease(command)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(asdict(lease)).encode(), 0)
+    _held.add(fd)
     try:
         yield lease
     finally:
+        _held.discard(fd)
         try:
             os.unlink(path)  # unlink while still locked: a waiter then re-checks the inode
         except FileNotFoundError:
