@@ -511,14 +511,12 @@ def main(argv: list[str] | None = None) -> int:
             if env.world > 1:
                 dist.destroy_process_group()
             return 0
-        margins = None  # rank 0 writes the epoch's margins file while val is scored, and before the checkpoint
-        if state.aum is not None:
-            margins = write_margins(state.aum, out / "margins" / f"epoch-{epoch:03d}.parquet", data.samples["key"],
-                                    data.labels.cpu().numpy(), env.rank, background=True)
+        if state.aum is not None:  # before val is scored: a writer thread (polars) alive while the val
+            # loader forks its workers can deadlock a worker (seen on 2 ranks), so the write is synchronous
+            write_margins(state.aum, out / "margins" / f"epoch-{epoch:03d}.parquet", data.samples["key"],
+                          data.labels.cpu().numpy(), env.rank)
         last = epoch == data.epochs - 1  # its val scores are the final ones: write them now, not score twice
         evaluate_and_log(state.eval_model, data, stats, epoch, out, env, write=last)
-        if margins is not None:
-            margins.result()
         save_checkpoint(ckpt_path, state, epoch + 1, None, env, config)
 
     write_scores(state.eval_model, data, out, env, done=("val",) if state.epoch < data.epochs else ())
