@@ -256,6 +256,8 @@ def _direct_scores(ds_path, model_file, sizes, crops):
     return total / len(sizes)
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores; test_eval_scores_and_metrics_equal_a_direct_computation[2]
+# covers 2 ranks in the default suite
 def test_scores_one_rank_equal_two_ranks_multi_size_multi_crop(digits, tmp_path):
     """A seeded model scored (--epochs 0) with 2 sizes x 5 crops: 1 rank and 2 ranks (val padded) write the same
     rows for the same keys, equal to a direct computation; rows are averages (sum to 1)."""
