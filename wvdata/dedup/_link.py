@@ -193,7 +193,6 @@ def _sig_distances(vsig, a, b):
 def mih_search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
            starts, out_q, out_i, out_d, fill):
     """Table t: every query group (same substring key k) against buckets k ^ mask."""
-    keymask = np.uint64((1 << b) - 1)
     ngroups = q_off.shape[0] - 1
     for k in prange(ngroups):
         q0, q1 = q_off[k], q_off[k + 1]
@@ -210,12 +209,7 @@ def mih_search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nfli
                     d = pop(x)
                     if d > radius:
                         continue
-                    first = True
-                    for u in range(t):  # then an earlier table reports this pair
-                        if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
-                            first = False
-                            break
-                    if first:
+                    if first_table(x, t, b, nflip):  # else an earlier table reports this pair
                         if fill:
                             out_q[pos + found] = q_ids[r]
                             out_i[pos + found] = b_ids[s]
@@ -230,7 +224,6 @@ def mih_search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b,
                 counts, out_q, out_i, out_d, cap):
     """One pass of `search`: query groups in counts.shape[0] chunks, chunk c writing up to
     cap pairs at [c * cap, ...) and its full count to counts[c] (more than cap: redo)."""
-    keymask = np.uint64((1 << b) - 1)
     ngroups = q_off.shape[0] - 1
     nch = counts.shape[0]
     per = (ngroups + nch - 1) // nch
@@ -250,12 +243,7 @@ def mih_search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b,
                         d = pop(x)
                         if d > radius:
                             continue
-                        first = True
-                        for u in range(t):
-                            if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
-                                first = False
-                                break
-                        if first:
+                        if first_table(x, t, b, nflip):
                             if found < cap:
                                 out_q[at + found] = q_ids[r]
                                 out_i[at + found] = b_ids[s]
