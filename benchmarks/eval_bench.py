@@ -23,8 +23,7 @@ the new path at 29,400 and at 294,000 rows; both paths' score files and metrics 
 (`trainer.train.write_margins` before this change: keys gathered by sample id, then polars), one
 process, 16,000,000 samples with keys shaped like real ones, 5,000 classes; once with every sample
 seen and once with a random 90% seen (a view or per-class resampling), 3 alternating rounds each,
-the median. Also the time the trainer's loop waits when it calls it with background=True (the file
-is compressed and written by a thread while val is scored). The files are compared.
+the median. The files are compared.
 
 --scale full: (a) 294,000 x 5,000 (old path 29,400 x 5,000), (b) 16,000,000; small: (a) 20,000 x
 1,000 for both, (b) 1,000,000.
@@ -263,31 +262,22 @@ def bench_margins(samples: int, work: Path, rounds: int = 3) -> list[str]:
         aum.reset()
         aum.sum[torch.from_numpy(seen)] = torch.from_numpy(rng.normal(0.5, 2.0, len(seen)))
         aum.count[torch.from_numpy(seen)] = 1
-        times = {"old": [], "new": [], "blocked": []}
+        times: dict[str, list[float]] = {"old": [], "new": []}
         for _ in range(rounds):
-            for name in ("old", "new", "background"):
+            for name in ("old", "new"):
                 t = time.perf_counter()
                 if name == "old":
                     old_write_margins(aum, work / "old" / "epoch-000.parquet", keys, labels)
-                elif name == "new":
+                else:
                     write_margins(aum, work / "new" / "epoch-000.parquet", keys, labels, rank=0)
-                else:  # as the trainer calls it: the file is written while val is scored
-                    pending = write_margins(aum, work / "bg" / "epoch-000.parquet", keys, labels, rank=0,
-                                            background=True)
-                    times["blocked"].append(time.perf_counter() - t)
-                    pending.result()
-                    continue
                 times[name].append(time.perf_counter() - t)
-        old_s, new_s, blocked = (statistics.median(times[k]) for k in ("old", "new", "blocked"))
-        old_file = pl.read_parquet(work / "old" / "epoch-000.parquet")
-        same = all(old_file.equals(pl.read_parquet(work / d / "epoch-000.parquet")) for d in ("new", "bg"))
-        lines.append(f"  {case}: write_margins {new_s:.2f}s, old {old_s:.2f}s ({old_s / new_s:.2f}x); as the "
-                     f"trainer calls it (background=True) the loop waits {blocked:.2f}s ({old_s / blocked:.1f}x "
-                     f"less than the old code); files equal in content: {same}")
+        old_s, new_s = (statistics.median(times[k]) for k in ("old", "new"))
+        same = pl.read_parquet(work / "old" / "epoch-000.parquet").equals(
+            pl.read_parquet(work / "new" / "epoch-000.parquet"))
+        lines.append(f"  {case}: write_margins {new_s:.2f}s, old {old_s:.2f}s ({old_s / new_s:.2f}x); "
+                     f"files equal in content: {same}")
         result("eval", f"margins file, {samples:,} samples, {case}", new_s, "s", baseline="old write_margins",
                baseline_value=old_s, higher_is_better=False)
-        result("eval", f"trainer blocked by the margins file, {samples:,} samples, {case}", blocked, "s",
-               baseline="old write_margins", baseline_value=old_s, higher_is_better=False)
     return lines
 
 

@@ -9,7 +9,6 @@ by sample id only when some samples were not seen, never a Python object per sam
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -67,25 +66,12 @@ def margins_frame(aum: MarginAccumulator, keys: pl.Series, labels: np.ndarray) -
     return pl.DataFrame({"key": keys.gather(ids), "label": labels[ids], "margin": mean, "count": count})
 
 
-def write_margins(aum: MarginAccumulator, path: Path, keys: pl.Series, labels: np.ndarray, rank: int,
-                  background: bool = False) -> Future | None:
-    """Reduce the epoch's sums onto rank 0 (collective), which writes `path` (atomically). With `background`,
-    rank 0 returns once the table is built (host copies: the sums may be reset) and a writer thread compresses
-    and writes it (seconds at 16M samples) while the caller goes on; wait on the returned future."""
+def write_margins(aum: MarginAccumulator, path: Path, keys: pl.Series, labels: np.ndarray, rank: int) -> None:
+    """Reduce the epoch's sums onto rank 0 (collective), which writes `path` (atomically). Synchronous on
+    purpose: a writer thread alive while a loader forks its workers can deadlock a worker."""
     aum.reduce()
-    if rank != 0:
-        return None
-    frame = margins_frame(aum, keys, labels)
-    if not background:
-        _write_parquet(frame, path)
-        return None
-    global _writer
-    if _writer is None:
-        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="margins")
-    return _writer.submit(_write_parquet, frame, path)
-
-
-_writer: ThreadPoolExecutor | None = None
+    if rank == 0:
+        _write_parquet(margins_frame(aum, keys, labels), path)
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
