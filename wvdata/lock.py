@@ -7,8 +7,8 @@ the holder's host, PID, run id and command. The lease file holds that record as 
 On a local (or mounted) filesystem the exclusion itself is an advisory `flock` on the lease
 file, which the kernel drops when its holder dies: a record left by a killed process is
 stale, detected and taken over without anyone deleting it by hand. The record carries a
-renewal time and a time-to-live so that a store without locks (object storage) can keep the
-same lease by conditional writes; datasets at fsspec URLs are not locked yet.
+renewal time and a time-to-live, which is how a store without locks keeps the lease: for a
+dataset at a URL the record is the object `DATASET/.wvdata.lock` (see `_store_lease`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import fcntl
 import json
 import os
 import socket
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,6 +69,10 @@ def lock_path(root: str | os.PathLike) -> str:
 
 def holder(root: str | os.PathLike) -> Lease | None:
     """The lease record in a dataset (live or stale), if any."""
+    if "://" in str(root) and not str(root).startswith("file://"):
+        from ._store import Store
+
+        return _read_record(Store(str(root)), False)[0]
     try:
         with open(lock_path(root)) as f:
             return Lease(**json.loads(f.read()))
@@ -96,7 +102,8 @@ def dataset_lock(root: str | os.PathLike, command: str) -> Iterator[Lease]:
     """Hold the dataset's lease for the duration of the block (creating `root` if needed)."""
     root = str(root)
     if "://" in root and not root.startswith("file://"):
-        yield Lease(command)  # object stores: not locked yet (see the module docstring)
+        with _store_lease(root, command) as lease:
+            yield lease
         return
     root = root.removeprefix("file://")
     created = not os.path.isdir(root)
@@ -132,3 +139,86 @@ def dataset_lock(root: str | os.PathLike, command: str) -> Iterator[Lease]:
                 os.rmdir(root)  # nothing else was written: leave no empty directory behind
             except OSError:
                 pass
+
+
+# ---------------------------------------------------------------- object stores
+
+
+def _read_record(st, with_etag: bool) -> tuple[Lease | None, str | None]:
+    try:
+        etag = st.fs.info(st._p(LOCK_NAME)).get("ETag") if with_etag else None
+        return Lease(**json.loads(st.read_bytes(LOCK_NAME))), etag
+    except FileNotFoundError:
+        return None, None
+    except (ValueError, TypeError):  # unreadable record: treat as stale
+        return Lease("?", renewed=0.0, ttl=0.0), etag
+
+
+@contextmanager
+def _store_lease(root: str, command: str) -> Iterator[Lease]:
+    """The lease of a dataset at a URL: the record object `.wvdata.lock`, created only if absent
+    and renewed every ttl/3 by a thread. On S3 both are conditional writes (If-None-Match: *,
+    If-Match: ETag), so two writers cannot both take it. A record not renewed for `ttl` seconds
+    (its holder died) is taken over. Limits: stores without conditional writes (gs://, http)
+    fall back to write-then-read-back, which narrows but does not close the race; takeover
+    trusts the clocks of the hosts to agree within the ttl."""
+    from ._store import Store
+
+    st = Store(root)
+    st.makedirs()
+    s3 = st.fs.protocol in ("s3", "s3a") or "s3" in tuple(st.fs.protocol)
+    lease = Lease(command)
+
+    def put(cond: dict) -> None:
+        st.write_atomic(LOCK_NAME, json.dumps(asdict(lease)), **(cond if s3 else {}))
+
+    def refuse(other: Lease) -> DatasetLocked:
+        return DatasetLocked(f"{root} is being written by {other.describe()}; wait for it to finish "
+                             f"(a lease not renewed for {other.ttl:.0f} s is taken over)")
+
+    try:
+        if not s3 and st.exists(LOCK_NAME):
+            raise FileExistsError(LOCK_NAME)
+        put({"IfNoneMatch": "*"})
+    except FileExistsError:
+        other, etag = _read_record(st, s3)
+        if other is not None and time.time() < other.renewed + other.ttl:
+            raise refuse(other) from None
+        try:
+            put({"IfMatch": etag} if etag else {"IfNoneMatch": "*"})
+        except (OSError, FileExistsError):  # somebody else took it over first
+            now, _ = _read_record(st, False)
+            raise refuse(now or Lease("?")) from None
+        if other is not None:
+            taken_over.append(asdict(other))
+    if not s3:
+        time.sleep(0.2)
+        mine, _ = _read_record(st, False)
+        if mine is None or mine.run_id != lease.run_id:
+            raise refuse(mine or Lease("?"))
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease.ttl / 3):
+            try:
+                cur, etag = _read_record(st, s3)
+                if cur is None or cur.run_id != lease.run_id:
+                    print(f"wvdata: lost the lease of {root} to {cur.describe() if cur else 'nobody'}",
+                          file=sys.stderr)
+                    return
+                lease.renewed = time.time()
+                put({"IfMatch": etag} if etag else {})
+            except Exception as e:  # a store hiccup: try again at the next period
+                print(f"wvdata: renewing the lease of {root} failed: {type(e).__name__}", file=sys.stderr)
+
+    thread = threading.Thread(target=renew, name="wvdata-lease", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join()
+        cur, _ = _read_record(st, False)
+        if cur is not None and cur.run_id == lease.run_id:
+            st.remove(LOCK_NAME)
+

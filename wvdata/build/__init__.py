@@ -4,9 +4,12 @@ The local process pool works on chunks of images (a one-shard build uses every w
 writer here joins each shard's chunks in order); a Ray task is one whole shard. Either way the
 output bytes depend only on the input and the options. A shard's outputs are renamed into
 place only when complete, and its part tables last, so `resume=True` after a kill at any point
-redoes just the unfinished shards and gives byte-identical output. Modules: `layouts` (reading
-a crawl), `image` (normalising one image), `tar` (tar and `.idx` writing), `options` (the
-options, declared once), `shards` (planning, chunks, the writer of a shard).
+redoes just the unfinished shards and gives byte-identical output. Source and output may be
+fsspec URLs (`s3://bucket/crawl -o s3://bucket/ds`): everything is then read and written
+through the store (see `wvdata._store`), with the same guarantees; the lease is an object in
+the bucket. Modules: `layouts` (reading a crawl), `image` (normalising one image), `tar` (tar
+and `.idx` writing), `options` (the options, declared once), `shards` (planning, chunks, the
+writer of a shard), `_url` (crawls in object storage).
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -25,7 +27,8 @@ from typing import Any
 import polars as pl
 
 from .._args import add_options, options_from, positive_int
-from ..dataset import FORMAT_NAME, FORMAT_VERSION
+from .._store import Store, normalized_inside
+from ..dataset import FORMAT_NAME, FORMAT_VERSION, is_url
 from ..engine import ENGINES, check_engine, default_workers, run_tasks
 from ..lock import LOCK_NAME, dataset_lock
 from .image import load_torch
@@ -39,10 +42,8 @@ from .shards import (
     part_paths,
     plan_shards,
     run_shard,
-    shard_done,
     split_chunks,
 )
-from .tar import write_atomic
 
 __all__ = ["build", "BuildOptions", "BuildSummary", "format_summary", "add_cli", "DEFAULT_SHARD_BYTES",
            "SAMPLE_OVERHEAD"]
@@ -80,15 +81,15 @@ class BuildSummary:
         return self.processed / self.seconds if self.seconds else 0.0
 
 
-def _write_parquet(df: pl.DataFrame, path: str) -> None:
+def _write_parquet(df: pl.DataFrame, st: Store, rel: str) -> None:
     buf = io.BytesIO()
     df.write_parquet(buf, statistics=False)
-    write_atomic(path, buf.getvalue())
+    st.write_atomic(rel, buf.getvalue())
 
 
 def _fingerprint(opts: BuildOptions, src: str, inputs) -> str:
     h = hashlib.sha1(json.dumps(asdict(opts), sort_keys=True, default=list).encode())
-    h.update(os.path.abspath(src).encode())
+    h.update((src if is_url(src) else os.path.abspath(src)).encode())
     for r in inputs.rows:
         h.update(f"{r.key}\0{r.path}\0{r.label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -110,35 +111,43 @@ def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions 
     opts = BuildOptions.of(options, **option_values)
     check_engine(engine)
     inputs = scan(src, opts.layout, opts.splits, opts.root)
-    contain = os.path.realpath(opts.root) if opts.root else None if inputs.layout == "manifest" \
-        else os.path.realpath(src)
+    contain = _real(opts.root) if opts.root else None if inputs.layout == "manifest" else _real(src)
     fingerprint = _fingerprint(opts, src, inputs)
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
+    real_src, real_out = _real(src), _real(out)
+    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip("/" + os.sep) + "/")
+                      or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
         raise ValueError(f"refusing to --overwrite {out}: the source {src} is inside it")
     with dataset_lock(out, "wvdata build"):
         return _build_locked(src, out, opts, inputs, contain, fingerprint, workers, engine, resume, overwrite,
                              progress, t0)
 
 
+def _real(path: str) -> str:
+    """A local path resolved (links, `..`); a URL normalised (`.`, `..`)."""
+    return (normalized_inside(path, path.split("://", 1)[0] + "://") or path) if is_url(path) \
+        else os.path.realpath(path)
+
+
 def _build_locked(src: str, out: str, opts: BuildOptions, inputs, contain: str | None, fingerprint: str,
                   workers: int | None, engine: str, resume: bool, overwrite: bool, progress: bool,
                   t0: float) -> BuildSummary:
-    work = os.path.join(out, WORK_DIR)
-    done = _finished(out, work, opts) if resume else None
+    st = Store(out)
+    done = _finished(st, opts) if resume else None
     if done is not None:
         done.seconds = time.perf_counter() - t0
         return done
-    _prepare_out(out, work, fingerprint, resume, overwrite)
+    _prepare_out(st, fingerprint, resume, overwrite)
+    out = out if st.url else os.path.abspath(out)
     tasks: list[ShardTask] = []
     splits_present = [s for s in SPLITS if s in opts.splits and (
         any(r.split == s for r in inputs.rows) or any(e.split == s for e in inputs.errors))]
     for split in splits_present:
         rows = [r for r in inputs.rows if r.split == split]
         for i, shard_rows in enumerate(plan_shards(rows, opts)):
-            tasks.append(ShardTask(os.path.abspath(out), split, f"shard-{i:06d}", shard_rows,
-                                   inputs.classes, opts.image(), contain))
-    todo = [t for t in tasks if not (resume and shard_done(t))]
+            tasks.append(ShardTask(out, split, f"shard-{i:06d}", shard_rows, inputs.classes, opts.image(),
+                                   contain))
+    complete = {f"{s}/{n}" for s in splits_present for n in st.listdir(f"{WORK_DIR}/{s}")} if resume else set()
+    todo = [t for t in tasks if f"{t.split}/{t.name}.samples.json" not in complete]
     summary = BuildSummary(out, shards=len(tasks), shards_skipped=len(tasks) - len(todo),
                            processed=sum(len(t.rows) for t in todo))
     warmup = load_torch if opts.resize_short or opts.max_side else None
@@ -148,8 +157,8 @@ def _build_locked(src: str, out: str, opts: BuildOptions, inputs, contain: str |
             pass
     else:
         _run_chunks(todo, workers or default_workers(), progress, warmup)
-    _finalize(out, src, opts, inputs, tasks, splits_present, summary)
-    _remove_work(work)
+    _finalize(st, opts, inputs, tasks, splits_present, summary)
+    _remove_work(st)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -178,17 +187,15 @@ def _run_chunks(todo: list[ShardTask], workers: int, progress: bool, warmup) -> 
     assert not sinks, "a shard was left unfinished"
 
 
-def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:
+def _finished(st: Store, opts: BuildOptions) -> BuildSummary | None:
     """--resume on a dataset that finished with these options: nothing to do."""
-    path = os.path.join(out, "dataset.json")
-    if os.path.isdir(work) or not os.path.exists(path):
+    if st.listdir(WORK_DIR) or not st.exists("dataset.json"):
         return None
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = json.loads(st.read_bytes("dataset.json"))
     if manifest.get("build") != opts.recorded():
-        raise ValueError(f"{out} is a finished dataset built with other options; "
+        raise ValueError(f"{st.root} is a finished dataset built with other options; "
                          "use --overwrite to rebuild")
-    s = BuildSummary(out)
+    s = BuildSummary(st.root)
     for split, meta in manifest["splits"].items():
         s.samples[split], s.errors[split] = meta["samples"], meta["errors"]
         s.shards += len(meta["shards"])
@@ -196,56 +203,52 @@ def _finished(out: str, work: str, opts: BuildOptions) -> BuildSummary | None:
     return s
 
 
-def _remove_work(work: str) -> None:
+_STAMP = f"{WORK_DIR}/fingerprint"
+
+
+def _remove_work(st: Store) -> None:
     """Remove the work dir, its fingerprint last: while the fingerprint exists, resume works."""
-    stamp = os.path.join(work, "fingerprint")
-    for name in os.listdir(work):
-        path = os.path.join(work, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif path != stamp:
-            os.remove(path)
-    os.remove(stamp)
-    os.rmdir(work)
+    for name in st.listdir(WORK_DIR):
+        if name != "fingerprint":
+            st.rmtree(f"{WORK_DIR}/{name}")
+    st.remove(_STAMP)
+    st.rmtree(WORK_DIR)
 
 
-def _remove_temp_files(out: str) -> None:
-    """Temporary files of writes cut short by a kill (see write_atomic)."""
-    for d in [out] + [os.path.join(out, s) for s in SPLITS]:
-        if os.path.isdir(d):
-            for name in os.listdir(d):
-                if ".tmp-" in name and os.path.isfile(os.path.join(d, name)):
-                    os.remove(os.path.join(d, name))
+def _remove_temp_files(st: Store) -> None:
+    """Temporary files of writes cut short by a kill (see Store.write_atomic); a bucket has none."""
+    for d in ["", *SPLITS]:
+        for name in st.listdir(d) if not st.url else []:
+            if ".tmp-" in name and st.isfile(f"{d}/{name}" if d else name):
+                st.remove(f"{d}/{name}" if d else name)
 
 
-def _prepare_out(out: str, work: str, fingerprint: str, resume: bool, overwrite: bool) -> None:
-    stamp = os.path.join(work, "fingerprint")
-    if os.path.isdir(work) and all(n.startswith("fingerprint.tmp-") for n in os.listdir(work)):
-        for name in os.listdir(work):  # killed before its fingerprint was written or after
-            os.remove(os.path.join(work, name))  # it was removed: nothing of a build is in it
-        os.rmdir(work)
-    if os.path.exists(out) and set(os.listdir(out)) - {LOCK_NAME}:
+def _prepare_out(st: Store, fingerprint: str, resume: bool, overwrite: bool) -> None:
+    out = st.root
+    work = st.listdir(WORK_DIR)
+    if work and all(n.startswith("fingerprint.tmp-") for n in work):
+        st.rmtree(WORK_DIR)  # killed before its fingerprint was written or after it was removed
+    present = set(st.listdir()) - {LOCK_NAME}
+    if present:
         if overwrite:
-            for name in set(os.listdir(out)) - {LOCK_NAME}:  # the lease we hold stays
-                path = os.path.join(out, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        elif resume and os.path.exists(stamp):
-            with open(stamp) as f:
-                if f.read() != fingerprint:
-                    raise ValueError(f"{out} was started with other inputs or options; "
-                                     "resume needs the same ones (or use --overwrite)")
-            _remove_temp_files(out)
+            for name in present:  # the lease we hold stays
+                st.rmtree(name)
+        elif resume and st.exists(_STAMP):
+            if st.read_text(_STAMP) != fingerprint:
+                raise ValueError(f"{out} was started with other inputs or options; "
+                                 "resume needs the same ones (or use --overwrite)")
+            _remove_temp_files(st)
             return
-        elif resume and os.path.exists(os.path.join(out, "dataset.json")):
+        elif resume and st.exists("dataset.json"):
             raise ValueError(f"{out} is already a finished dataset; use --overwrite to rebuild")
         else:
             raise FileExistsError(f"{out} is not empty; use --resume to continue an interrupted "
                                   "build or --overwrite to replace it")
-    os.makedirs(work, exist_ok=True)
-    write_atomic(stamp, fingerprint)
+    st.makedirs(WORK_DIR)
+    st.write_atomic(_STAMP, fingerprint)
 
 
-def _finalize(out: str, src: str, opts: BuildOptions, inputs, tasks: list[ShardTask],
+def _finalize(st: Store, opts: BuildOptions, inputs, tasks: list[ShardTask],
               splits: list[str], summary: BuildSummary) -> None:
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "layout": inputs.layout,
@@ -259,27 +262,26 @@ def _finalize(out: str, src: str, opts: BuildOptions, inputs, tasks: list[ShardT
         pre = [asdict(e) for e in inputs.errors if e.split == split]
         parts_e.append(pl.DataFrame(pre, schema=ERROR_SCHEMA))
         for t in (t for t in tasks if t.split == split):
-            err_path, smp_path = part_paths(out, split, t.name)
-            with open(smp_path) as fs, open(err_path) as fe:
-                s = pl.DataFrame(json.load(fs), schema=SAMPLE_SCHEMA)
-                e = pl.DataFrame(json.load(fe), schema=ERROR_SCHEMA)
+            err_path, smp_path = part_paths(split, t.name)
+            s = pl.DataFrame(json.loads(st.read_bytes(smp_path)), schema=SAMPLE_SCHEMA)
+            e = pl.DataFrame(json.loads(st.read_bytes(err_path)), schema=ERROR_SCHEMA)
             parts_s.append(s)
             parts_e.append(e)
             if s.height:
-                nbytes = os.path.getsize(os.path.join(out, split, f"{t.name}.tar"))
+                nbytes = st.size(f"{split}/{t.name}.tar")
                 shards.append({"name": t.name, "samples": s.height, "bytes": nbytes})
         samples = pl.concat(parts_s) if parts_s else pl.DataFrame(schema=SAMPLE_SCHEMA)
         errors = pl.concat(parts_e)
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        _write_parquet(samples, os.path.join(out, split, "samples.parquet"))
-        _write_parquet(errors, os.path.join(out, split, "errors.parquet"))
+        st.makedirs(split)
+        _write_parquet(samples, st, f"{split}/samples.parquet")
+        _write_parquet(errors, st, f"{split}/errors.parquet")
         manifest["splits"][split] = {"samples": samples.height, "errors": errors.height,
                                      "bytes": sum(s["bytes"] for s in shards), "shards": shards}
         summary.samples[split] = samples.height
         summary.errors[split] = errors.height
         for reason, n in errors.group_by("reason").len().iter_rows():
             summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + n
-    write_atomic(os.path.join(out, "dataset.json"), json.dumps(manifest, indent=2) + "\n")
+    st.write_atomic("dataset.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def format_summary(s: BuildSummary) -> str:

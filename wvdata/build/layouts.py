@@ -2,16 +2,23 @@
 
 Rows that cannot even be attempted (malformed filelist lines, bad labels, duplicate paths,
 paths escaping the source) come back as error rows, so every listed input is accounted for.
+A crawl at an fsspec URL (s3://bucket/crawl) is read through `_url.UrlPath`; its rows' paths
+are URLs, and their sizes come from one listing.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .._store import normalized_inside
+from ..dataset import is_url
+from ._url import UrlPath, check_source
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("webvision", "folder", "manifest")
@@ -33,6 +40,7 @@ class InputRow:
     meta_error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    size: int = -1  # bytes, when the listing told (URL crawls); else the build stats the file
 
 
 @dataclass
@@ -66,11 +74,18 @@ def make_key(split: str, src_path: str) -> str:
     return f"{split}_{slug}_{digest}" if slug else f"{split}_{digest}"
 
 
+def _source_path(src: str | os.PathLike) -> Path | UrlPath:
+    return UrlPath(str(src)) if is_url(str(src)) else Path(src)
+
+
 def detect_layout(src: str | os.PathLike) -> str:
-    p = Path(src)
-    if p.is_file():
+    p = _source_path(src)
+    if isinstance(p, UrlPath):
+        if check_source(p) == "file":
+            return "manifest"
+    elif p.is_file():
         return "manifest"
-    if not p.is_dir():
+    elif not p.is_dir():
         raise FileNotFoundError(f"source {src} does not exist")
     info = p / "info"
     if (info / "synsets.txt").is_file() or any(info.glob("train_filelist*.txt")):
@@ -78,8 +93,10 @@ def detect_layout(src: str | os.PathLike) -> str:
     return "folder"
 
 
-def _resolve_inside(root: Path, rel: str) -> str | None:
-    """Absolute path of `rel` under `root`, or None when it escapes `root`."""
+def _resolve_inside(root: Path | UrlPath, rel: str) -> str | None:
+    """Absolute path (or URL) of `rel` under `root`, or None when it escapes `root`."""
+    if isinstance(root, UrlPath):
+        return None if rel.startswith("/") or "://" in rel else normalized_inside(f"{root}/{rel}", str(root))
     if os.path.isabs(rel):
         return None
     full = os.path.normpath(os.path.join(root, rel))
@@ -146,21 +163,26 @@ def _pick_root(src: Path, candidates: list[str], first_rel: str | None) -> Path:
     return src
 
 
+def _is_file(path: str) -> bool:
+    return bool(path) and _source_path(path).is_file()
+
+
 class _MetaCache:
     """Meta JSON files (one per query) loaded once; a broken file is remembered as broken."""
 
-    def __init__(self, src: Path):
+    def __init__(self, src: Path | UrlPath):
         self.src = src
         self.cache: dict[str, list | str] = {}
 
     def record(self, rel: str, index: int) -> tuple[dict, str]:
         if rel not in self.cache:
             path = _resolve_inside(self.src / "meta", rel) or ""
-            if not os.path.isfile(path):
+            if not _is_file(path):
                 path = _resolve_inside(self.src, rel) or ""
             try:
-                with open(path, "rb") as f:
-                    data = json.loads(f.read().decode("utf-8", "replace"))
+                if not path:
+                    raise FileNotFoundError(rel)
+                data = json.loads(_source_path(path).read_bytes().decode("utf-8", "replace"))
                 self.cache[rel] = data if isinstance(data, list) else f"{rel} is not a JSON array"
             except FileNotFoundError:
                 self.cache[rel] = f"meta file {rel} missing"
@@ -174,7 +196,7 @@ class _MetaCache:
         return data[index - 1], ""
 
 
-def _scan_webvision(src: Path, splits: tuple[str, ...]) -> Inputs:
+def _scan_webvision(src: Path | UrlPath, splits: tuple[str, ...]) -> Inputs:
     info = src / "info"
     classes, descriptions = [], []
     for line in _read_lines(info / "synsets.txt"):
@@ -220,7 +242,7 @@ def _scan_webvision(src: Path, splits: tuple[str, ...]) -> Inputs:
     return inputs
 
 
-def _webvision_line(inputs: Inputs, split: str, line: str, where: str, root: Path, src: Path,
+def _webvision_line(inputs: Inputs, split: str, line: str, where: str, root: Path | UrlPath, src: Path | UrlPath,
                     meta_line: str | None, meta: _MetaCache, queries: dict) -> None:
     """One filelist line: `path label` (the label is the last field, the path may hold spaces)
     in train and val; in the test filelist, which has no labels, the whole line is the path."""
@@ -327,10 +349,40 @@ def _scan_folder(src: Path, splits: tuple[str, ...]) -> Inputs:
     return inputs
 
 
+def _scan_folder_url(src: UrlPath, splits: tuple[str, ...]) -> Inputs:
+    """The folder layout of a crawl in a bucket, from one listing: the same rules as on disk
+    (a bucket has no links, so nothing can escape it)."""
+    files = src.find()
+    top_dirs = sorted({k.split("/", 1)[0] for k in files if "/" in k})
+    by_split = bool(top_dirs) and all(d.lower() in _SPLIT_DIRS for d in top_dirs)
+    inputs = Inputs("folder", [], [], [])
+    class_files: dict[tuple[str, str], list[str]] = {}
+    for key in sorted(files):
+        parts = key.split("/")
+        split, parts = (_SPLIT_DIRS[parts[0].lower()], parts[1:]) if by_split and len(parts) > 1 else \
+            ("train", parts)
+        if by_split and len(parts) == len(key.split("/")):  # a loose file next to the split folders
+            if "train" in splits:
+                inputs.errors.append(ErrorRow("train", key, "not in a class folder",
+                                              f"{key} is outside the split folders"))
+            continue
+        if len(parts) == 1:
+            if split in splits:
+                inputs.errors.append(ErrorRow(split, key, "not in a class folder", key))
+            continue
+        class_files.setdefault((split, parts[0]), []).append(key)
+    inputs.classes = sorted({name for _, name in class_files})
+    index = {c: i for i, c in enumerate(inputs.classes)}
+    for (split, name), keys in sorted(class_files.items()):
+        if split in splits:
+            inputs.rows += [InputRow(split, k, str(src / k), index[name], "folder", size=files[k]) for k in keys]
+    return inputs
+
+
 # ---------------------------------------------------------------- manifest
 
 
-def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+def _read_manifest(path: Path | UrlPath) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """(records, [(line number, why)] of unparseable JSONL lines); an empty or unparseable
     file is a one-line ValueError."""
     import polars as pl
@@ -338,14 +390,15 @@ def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, st
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
         raise ValueError(f"manifest {path} must be .csv, .jsonl or .parquet")
-    if path.stat().st_size == 0:
+    if (path.size() if isinstance(path, UrlPath) else path.stat().st_size) == 0:
         raise ValueError(f"manifest {path} is empty")
     bad: list[tuple[int, str]] = []
     try:
+        data = io.BytesIO(path.read_bytes()) if isinstance(path, UrlPath) else path
         if suffix == ".csv":
-            df = pl.read_csv(path, infer_schema=False)
+            df = pl.read_csv(data, infer_schema=False)
         elif suffix == ".parquet":
-            df = pl.read_parquet(path)
+            df = pl.read_parquet(data)
         else:  # line by line: one broken line is one error row, not a failed build
             records = []
             text = path.read_bytes().decode("utf-8", "replace")
@@ -375,15 +428,17 @@ def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, st
     return records, bad
 
 
-def _scan_manifest(path: Path, splits: tuple[str, ...], root_dir: str | None = None) -> Inputs:
+def _scan_manifest(path: Path | UrlPath, splits: tuple[str, ...], root_dir: str | None = None) -> Inputs:
     """CSV / JSONL / Parquet with `path`, `label`, optional `split`, `class_name`; relative paths
     are relative to the manifest and may not leave its folder; absolute paths are allowed (a
     manifest is the user's own document) unless `root_dir` is given: then every path must
-    resolve inside it."""
+    resolve inside it. A path may be a URL (s3://...); in a manifest at a URL, paths are keys
+    relative to its folder, or URLs."""
     records, bad = _read_manifest(path)
     root = path.parent.resolve()
-    real_root = os.path.realpath(root_dir) if root_dir else None
-    if root_dir and not os.path.isdir(root_dir):
+    url_root = root_dir if root_dir and is_url(root_dir) else None
+    real_root = os.path.realpath(root_dir) if root_dir and not url_root else None
+    if real_root and not os.path.isdir(root_dir):
         raise FileNotFoundError(f"--root {root_dir} is not a directory")
     for rec in records:  # a float label column (pandas writes one when a label is missing)
         lab = rec.get("label")
@@ -422,13 +477,22 @@ def _scan_manifest(path: Path, splits: tuple[str, ...], root_dir: str | None = N
             inputs.errors.append(ErrorRow(split, rel.replace("\0", "\\0"), "malformed manifest row",
                                           f"{where}: the path holds a NUL byte"))
             continue
-        full = rel if os.path.isabs(rel) else _resolve_inside(root, rel)
-        if full is None or (real_root and not _inside(real_root, full)):
+        if is_url(rel):
+            full = rel
+        else:
+            full = rel if os.path.isabs(rel) and not isinstance(root, UrlPath) else _resolve_inside(root, rel)
+        outside = False
+        if full is not None and url_root:
+            full = normalized_inside(full, url_root) if is_url(full) else None
+            outside = full is None
+        elif full is not None and real_root and (is_url(full) or not _inside(real_root, full)):
+            full, outside = None, True
+        if full is None:
             inputs.errors.append(ErrorRow(split, rel, "path escapes source",
-                                          f"{where}: {rel}" + (f" is not inside --root {root_dir}" if full else "")))
+                                          f"{where}: {rel}" + (f" is not inside --root {root_dir}" if outside else "")))
             continue
         extra = {k: v for k, v in rec.items() if k not in ("path", "label", "split")}
-        inputs.rows.append(InputRow(split, rel, os.path.normpath(full), label,
+        inputs.rows.append(InputRow(split, rel, full if is_url(full) else os.path.normpath(full), label,
                                     str(rec.get("source") or "manifest"), extra=extra))
     return inputs
 
@@ -440,11 +504,20 @@ def scan(src: str | os.PathLike, layout: str = "auto", splits: tuple[str, ...] =
     root: manifest layout only, every listed path must resolve inside this directory.
     """
     layout = detect_layout(src) if layout == "auto" else layout
-    p = Path(src).resolve()
+    p = _source_path(src).resolve()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     if root and layout != "manifest":
         raise ValueError("--root applies to the manifest layout (a folder or webvision crawl is its own root)")
     if layout == "manifest":
         return _finish(_scan_manifest(p, tuple(splits), root))
+    if isinstance(p, UrlPath):
+        check_source(p)
+        if layout == "folder":
+            return _finish(_scan_folder_url(p, tuple(splits)))
+        inputs = _scan_webvision(p, tuple(splits))
+        sizes = p.find()  # one listing instead of a request per image
+        for row in inputs.rows:
+            row.size = sizes.get(row.path[len(str(p)) + 1:], 0)
+        return _finish(inputs)
     return _finish((_scan_webvision if layout == "webvision" else _scan_folder)(p, tuple(splits)))

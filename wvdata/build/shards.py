@@ -1,8 +1,11 @@
 """Shards of a build: planning, encoding chunks of images, and the one writer of each shard.
 
 `encode_chunk` runs in a worker (local process, or inside a Ray task's `run_shard`), so it
-never calls polars (see wvdata.engine). A shard's outputs are renamed into place only when
-complete, its part tables last: they are the completion marker that `--resume` checks.
+never calls polars (see wvdata.engine). A shard's outputs are published only when complete
+(renamed into place on disk; one PUT or a completed multipart upload in a bucket), its part
+tables last: they are the per-shard completion record that `--resume` checks. A task carries
+only its source paths or URLs and the dataset's location, so a Ray task on any machine reads
+its inputs from and writes its shard to the store itself.
 """
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import engine
+from .._store import Store
+from ..dataset import is_url
+from ._url import read_url
 from .image import ImageOptions, ImageRejected, process_image
 from .layouts import InputRow
 from .options import SAMPLE_OVERHEAD, BuildOptions
-from .tar import Member, TarFragment, format_idx, idx_line, tar_end, write_atomic
+from .tar import Member, TarFragment, format_idx, idx_line, tar_end
 
 WORK_DIR = ".build"
 
@@ -44,7 +50,11 @@ def read_input(path: str, contain: str | None, limit: int) -> bytes:
     """The bytes of one input file, refusing what a hostile crawl can plant: a path (or link)
     leading outside `contain`, anything but a regular file (FIFOs would block, devices never
     end), or more than `limit` bytes. The final open does not follow links, so a file swapped
-    for a link after the check is refused too."""
+    for a link after the check is refused too. A URL is read from its store (`_url.read_url`)."""
+    if is_url(path):
+        if contain is not None and not is_url(contain):
+            raise ImageRejected("path escapes source", f"{path} is not under {contain}")
+        return read_url(path, contain, limit)
     try:
         real = os.path.realpath(path)
         if contain is not None and real != contain and not real.startswith(contain.rstrip(os.sep) + os.sep):
@@ -90,15 +100,11 @@ def _sample_json(row: InputRow, class_name: str) -> bytes:
     return json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode()
 
 
-def part_paths(out: str, split: str, name: str) -> tuple[str, str]:
-    # JSON, not parquet: a worker forked from a process that has run polars hangs on its
-    # first polars call (polars' thread pool does not survive fork), so workers never use it.
-    work = os.path.join(out, WORK_DIR, split)
-    return os.path.join(work, f"{name}.errors.json"), os.path.join(work, f"{name}.samples.json")
-
-
-def shard_done(task: ShardTask) -> bool:
-    return os.path.exists(part_paths(task.out, task.split, task.name)[1])
+def part_paths(split: str, name: str) -> tuple[str, str]:
+    """A shard's part tables (errors, samples) relative to the dataset: its completion record.
+    JSON, not parquet: a worker forked from a process that has run polars hangs on its first
+    polars call (polars' thread pool does not survive fork), so workers never use it."""
+    return f"{WORK_DIR}/{split}/{name}.errors.json", f"{WORK_DIR}/{split}/{name}.samples.json"
 
 
 @dataclass
@@ -178,9 +184,8 @@ class ShardSink:
         self._lines: list[str] = []
         self._samples: list[dict] = []
         self._errors: list[dict] = []
-        split_dir = os.path.join(task.out, task.split)
-        self._tar = os.path.join(split_dir, f"{task.name}.tar")
-        self._tmp = f"{self._tar}.tmp-{os.getpid()}"
+        self._store = Store(task.out)
+        self._writer = None
 
     def add(self, chunk: Chunk) -> bool:
         """Take one chunk; True when it was the shard's last (the shard is then written)."""
@@ -197,8 +202,9 @@ class ShardSink:
         base = self._size
         if chunk.data:
             if self._file is None:
-                os.makedirs(os.path.dirname(self._tar), exist_ok=True)
-                self._file = open(self._tmp, "wb")
+                self._store.makedirs(self.task.split)
+                self._writer = self._store.writer(f"{self.task.split}/{self.task.name}.tar")
+                self._file = self._writer.__enter__()
             self._file.write(chunk.data)
             self._size += len(chunk.data)
         self._lines += [idx_line(m.shifted(base) for m in members) for members in chunk.lines]
@@ -210,20 +216,17 @@ class ShardSink:
         self._errors += chunk.errors
 
     def _finish(self) -> None:
-        task = self.task
+        task, st = self.task, self._store
         if self._file is not None:  # tar and index first, the part tables last
-            with self._file as f:
-                f.write(tar_end(self._size))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(self._tmp, self._tar)
-            write_atomic(os.path.join(task.out, task.split, f"{task.name}.idx"), format_idx(self._lines))
+            self._file.write(tar_end(self._size))
+            self._writer.__exit__(None, None, None)  # published: renamed, or the upload completed
+            st.write_atomic(f"{task.split}/{task.name}.idx", format_idx(self._lines))
         else:
-            os.makedirs(os.path.join(task.out, task.split), exist_ok=True)
-        err_path, smp_path = part_paths(task.out, task.split, task.name)
-        os.makedirs(os.path.dirname(err_path), exist_ok=True)
-        write_atomic(err_path, json.dumps(self._errors))
-        write_atomic(smp_path, json.dumps(self._samples))
+            st.makedirs(task.split)
+        err_path, smp_path = part_paths(task.split, task.name)
+        st.makedirs(os.path.dirname(err_path))
+        st.write_atomic(err_path, json.dumps(self._errors))
+        st.write_atomic(smp_path, json.dumps(self._samples))
 
     @property
     def counts(self) -> tuple[int, int]:
@@ -247,7 +250,7 @@ def plan_shards(rows: Sequence[InputRow], opts: BuildOptions) -> list[list[Input
     size = 0
     for row in order:
         try:
-            est = os.stat(row.path).st_size
+            est = row.size if row.size >= 0 else os.stat(row.path).st_size
         except (OSError, ValueError):
             est = 0
         full = (opts.shard_samples and len(current) >= opts.shard_samples) or \

@@ -1,0 +1,118 @@
+"""Crawls in object storage: a Path-like view of an fsspec URL for the layout readers, the
+folder layout from one listing, and bounded reads of one input object.
+
+Containment for URL sources: every key is normalised (`.` and `..` resolved) and must stay
+under the source prefix; there are no links in a bucket, so that is the whole rule.
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from .._store import StoreError, describe_error, normalized_inside, url_fs
+from .image import ImageRejected
+
+
+class UrlPath:
+    """The few `pathlib.Path` methods the layout readers use, over an fsspec URL."""
+
+    def __init__(self, url: str, _fs: Any = None):
+        self.url = url.rstrip("/")
+        self._fs = _fs
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            self._fs = url_fs(self.url)[0]
+        return self._fs
+
+    @property
+    def _key(self) -> str:
+        return self.fs._strip_protocol(self.url)
+
+    def __truediv__(self, part: str) -> UrlPath:
+        return UrlPath(f"{self.url}/{str(part).strip('/')}" if part else self.url, self._fs)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __fspath__(self) -> str:  # so that os.path helpers see the URL text
+        return self.url
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> UrlPath:
+        return UrlPath(self.url.rsplit("/", 1)[0], self._fs)
+
+    def resolve(self) -> UrlPath:
+        return self
+
+    def _ask(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise StoreError(f"cannot read {self.url}: {describe_error(e)}") from None
+
+    def exists(self) -> bool:
+        return bool(self._ask(self.fs.exists, self._key))
+
+    def is_file(self) -> bool:
+        return bool(self._ask(self.fs.isfile, self._key))
+
+    def is_dir(self) -> bool:
+        return bool(self._ask(self.fs.isdir, self._key))
+
+    def read_bytes(self) -> bytes:
+        return self._ask(self.fs.cat_file, self._key)
+
+    def size(self) -> int:
+        return int(self._ask(self.fs.size, self._key))
+
+    def glob(self, pattern: str) -> list[UrlPath]:
+        scheme = self.url.split("://", 1)[0]
+        return [UrlPath(f"{scheme}://{k}", self._fs) for k in self._ask(self.fs.glob, f"{self._key}/{pattern}")]
+
+    def find(self) -> dict[str, int]:
+        """Every object under this prefix: relative key -> size."""
+        base = self._key.rstrip("/")
+        found = self._ask(self.fs.find, base, detail=True)
+        return {k[len(base) + 1:]: int(v.get("size") or 0) for k, v in found.items()
+                if k.startswith(base + "/") and v.get("type") != "directory"}
+
+
+def check_source(src: UrlPath) -> str:
+    """'file' or 'dir' for a URL source, or a one-line error (bucket unreachable, missing)."""
+    if src.is_file():
+        return "file"
+    if src.is_dir():
+        return "dir"
+    raise FileNotFoundError(f"source {src} does not exist")
+
+
+def read_url(url: str, contain: str | None, limit: int) -> bytes:
+    """The bytes of one input object, at most `limit` (one ranged GET); a key outside the source
+    prefix, a missing or unreadable object become ImageRejected (an error row)."""
+    if contain is not None:
+        norm = normalized_inside(url, contain)
+        if norm is None:
+            raise ImageRejected("path escapes source", f"{url} is not under {contain}")
+        url = norm
+    try:
+        fs, key = url_fs(url)
+        data = fs.cat_file(key, start=0, end=limit + 1)
+    except FileNotFoundError:
+        raise ImageRejected("missing file", url) from None
+    except Exception as e:  # PermissionError, botocore errors, a vanished endpoint
+        raise ImageRejected("unreadable file", describe_error(e)) from None
+    if len(data) > limit:
+        raise ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
+    return data
