@@ -141,11 +141,17 @@ def _run_pool(fn, tasks, weights, bar, ticks: bool, workers: int) -> Iterator[An
 
 
 def ray_init() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one, once per process."""
+    """Join the cluster at RAY_ADDRESS, or start a local one, once per process. The tasks' runtime
+    environment (Ray's `runtime_env`: env_vars, pip, working_dir) may be given as JSON in
+    WVDATA_RAY_RUNTIME_ENV; credentials belong in the cluster's environment, not there."""
+    import json
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+        env = os.environ.get("WVDATA_RAY_RUNTIME_ENV")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False,
+                 runtime_env=json.loads(env) if env else None)
 
 
 def _run_ray(fn, tasks, weights, bar) -> Iterator[Any]:

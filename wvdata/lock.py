@@ -154,14 +154,28 @@ def _read_record(st, with_etag: bool) -> tuple[Lease | None, str | None]:
         return Lease("?", renewed=0.0, ttl=0.0), etag
 
 
+def _dead_here(lease: Lease) -> bool:
+    """The record's holder ran on this host and is gone."""
+    if lease.host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease.pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+    return False
+
+
 @contextmanager
 def _store_lease(root: str, command: str) -> Iterator[Lease]:
     """The lease of a dataset at a URL: the record object `.wvdata.lock`, created only if absent
     and renewed every ttl/3 by a thread. On S3 both are conditional writes (If-None-Match: *,
-    If-Match: ETag), so two writers cannot both take it. A record not renewed for `ttl` seconds
-    (its holder died) is taken over. Limits: stores without conditional writes (gs://, http)
-    fall back to write-then-read-back, which narrows but does not close the race; takeover
-    trusts the clocks of the hosts to agree within the ttl."""
+    If-Match: ETag), so two writers cannot both take it. A record not renewed for `ttl` seconds,
+    or written by a process of this host that no longer runs (its holder died), is taken over.
+    Limits: stores without conditional writes (gs://, http) fall back to write-then-read-back,
+    which narrows but does not close the race; takeover trusts the hosts' clocks to agree
+    within the ttl; a holder that stalls for longer than the ttl loses the lease."""
     from ._store import Store
 
     st = Store(root)
@@ -182,7 +196,7 @@ def _store_lease(root: str, command: str) -> Iterator[Lease]:
         put({"IfNoneMatch": "*"})
     except FileExistsError:
         other, etag = _read_record(st, s3)
-        if other is not None and time.time() < other.renewed + other.ttl:
+        if other is not None and time.time() < other.renewed + other.ttl and not _dead_here(other):
             raise refuse(other) from None
         try:
             put({"IfMatch": etag} if etag else {"IfNoneMatch": "*"})

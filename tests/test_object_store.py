@@ -1,0 +1,231 @@
+"""Build across machines through object storage: a crawl in a bucket -> a dataset in a bucket,
+against a real local S3 endpoint (moto's standalone server), with the local pool and with Ray."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from _crawls import quiet_build, tree
+from wvdata import open_dataset
+from wvdata.build import build
+from wvdata.synth import make_webvision_crawl
+
+OPTS = {"shard_samples": 4, "resize_short": 64}
+CLI_OPTS = ["--shard-samples", "4", "--resize-short", "64", "-q"]
+S3_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL_S3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(extra_env or {})})
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server for this module; credentials and endpoint only in the environment."""
+    proc, url = _start_moto()
+    saved = {k: os.environ.get(k) for k in S3_ENV_KEYS}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url})
+    import s3fs
+
+    yield s3fs.S3FileSystem(use_listings_cache=False)
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory):
+    return make_webvision_crawl(tmp_path_factory.mktemp("objcrawl") / "crawl", classes=4, train_per_class=6,
+                                val_per_class=3, test=4, sizes=((400, 300), (300, 400)), seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(crawl, tmp_path_factory):
+    """The same crawl built from and to the local disk."""
+    out = tmp_path_factory.mktemp("objref") / "ds"
+    quiet_build(crawl.root, out, **OPTS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, crawl):
+    s3.mkdir("crawls")
+    s3.put(str(crawl.root), "crawls/wv", recursive=True)
+    return "crawls"
+
+
+def bucket_tree(fs, prefix: str) -> dict[str, bytes]:
+    return {k[len(prefix) + 1:]: fs.cat_file(k) for k in fs.find(prefix)}
+
+
+def _subprocess_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
+def test_bucket_to_bucket_equals_the_local_build(s3, bucket, reference):
+    summary = build("s3://crawls/wv", "s3://crawls/ds-pool", workers=2, progress=False, **OPTS)
+    assert summary.total_errors == 0
+    got = bucket_tree(s3, "crawls/ds-pool")
+    assert ".wvdata.lock" not in got and not any(k.startswith(".build") for k in got)
+    assert got == tree(reference)  # tars, indexes, tables and manifest, byte for byte
+    ds = open_dataset("s3://crawls/ds-pool")
+    assert ds.samples("train").height == open_dataset(reference).samples("train").height
+
+
+def test_killed_bucket_build_resumes_byte_identical(s3, bucket, reference, tmp_path):
+    out = "s3://crawls/ds-killed"
+    cmd = [sys.executable, "-m", "wvdata.cli", "build", "s3://crawls/wv", "-o", out, "--workers", "1", *CLI_OPTS]
+    for _ in range(5):
+        proc = subprocess.Popen(cmd, env=_subprocess_env(), cwd=tmp_path, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [k for k in s3.find("crawls/ds-killed/.build") if k.endswith(".samples.json")]
+            if len(done) >= 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            break
+        s3.rm("crawls/ds-killed", recursive=True)
+    else:
+        pytest.fail("the build always ended before it could be killed")
+    assert s3.exists("crawls/ds-killed/.wvdata.lock")  # the dead holder's lease record
+    assert not s3.exists("crawls/ds-killed/dataset.json")
+    res = subprocess.run(cmd + ["--resume"], env=_subprocess_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "already complete" in res.stdout and "(0 already complete)" not in res.stdout
+    assert bucket_tree(s3, "crawls/ds-killed") == tree(reference)
+
+
+@pytest.mark.ray
+def test_ray_tasks_carry_no_local_paths_and_need_no_shared_disk(s3, bucket, reference, tmp_path):
+    from wvdata.build import layouts
+
+    rows = layouts.scan("s3://crawls/wv").rows
+    assert rows and all(r.path.startswith("s3://crawls/wv/") for r in rows)  # what a task carries
+    assert b"s3://crawls/wv/" in pickle.dumps(rows)
+    driver, workers = tmp_path / "driver", tmp_path / "workers"
+    driver.mkdir()
+    workers.mkdir()
+    env = _subprocess_env(WVDATA_RAY_RUNTIME_ENV=json.dumps({"working_dir": str(workers)}))
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "wvdata.cli", "build", "s3://crawls/wv", "-o", "s3://crawls/ds-ray",
+                          "--engine", "ray", *CLI_OPTS], env=env, cwd=driver, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert bucket_tree(s3, "crawls/ds-ray") == tree(reference)
+    assert not list(driver.iterdir()) and not list(workers.iterdir())  # nothing landed on a local disk
+
+
+def test_loader_streams_the_bucket_dataset(s3, bucket):
+    from wvdata.stream import loader
+
+    url = "s3://crawls/ds-pool"
+    if not s3.exists("crawls/ds-pool/dataset.json"):
+        build("s3://crawls/wv", url, workers=1, progress=False, **OPTS)
+    ld = loader(url, batch_size=4, image_size=32, num_workers=2, rank=0, world_size=1)
+    keys = [k for _, _, batch in ld for k in batch]
+    assert Counter(keys) == Counter(open_dataset(url).samples("train")["key"].to_list())
+
+
+def test_dedup_annotation_written_into_the_bucket(s3, bucket):
+    from wvdata.dedup import dedup
+
+    url = "s3://crawls/ds-pool"
+    if not s3.exists("crawls/ds-pool/dataset.json"):
+        build("s3://crawls/wv", url, workers=1, progress=False, **OPTS)
+    dedup(url, progress=False)
+    table = open_dataset(url).annotation_path("dedup")
+    import polars as pl
+
+    with s3.open(table.removeprefix("s3://")) as f:
+        df = pl.read_parquet(f)
+    assert df.height == sum(open_dataset(url).samples(s).height for s in ("train", "val", "test"))
+    assert not s3.exists("crawls/ds-pool/.wvdata.lock")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _cli(args: list[str], cwd, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wvdata.cli", *args], env=_subprocess_env(**env), cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_missing_bucket_and_unreachable_store_are_one_line_errors(s3, bucket, tmp_path):
+    res = _cli(["build", "s3://no-such-bucket/crawl", "-o", "s3://crawls/x", "-q"], tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "does not exist" in res.stderr
+    res = _cli(["build", "s3://crawls/wv", "-o", "s3://no-such-bucket/ds", "-q"], tmp_path)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no-such-bucket" in res.stderr
+    dead = f"http://127.0.0.1:{_free_port()}"
+    res = _cli(["build", "s3://crawls/wv", "-o", "s3://crawls/y", "-q"], tmp_path, AWS_ENDPOINT_URL=dead,
+               AWS_ENDPOINT_URL_S3=dead, AWS_MAX_ATTEMPTS="1")
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Traceback" not in res.stderr and "test" not in res.stderr.replace("crawls", "")  # no credentials
+
+
+def test_a_key_that_vanishes_mid_build_is_an_error_row(s3, bucket, crawl, monkeypatch):
+    from wvdata.build import layouts
+
+    s3.copy("crawls/wv", "crawls/wv-vanish", recursive=True)
+    real_scan = layouts.scan
+    gone = []
+
+    def scan_then_delete(*a, **kw):
+        inputs = real_scan(*a, **kw)
+        row = next(r for r in inputs.rows if r.split == "train")
+        s3.rm_file(row.path.removeprefix("s3://"))
+        gone.append(row.src_path)
+        return inputs
+
+    monkeypatch.setattr(sys.modules["wvdata.build"], "scan", scan_then_delete)
+    s = build("s3://crawls/wv-vanish", "s3://crawls/ds-vanish", workers=1, progress=False, **OPTS)
+    ds = open_dataset("s3://crawls/ds-vanish")
+    errors = ds.errors("train")
+    assert errors.filter(errors["src_path"] == gone[0])["reason"].to_list() == ["missing file"]
+    listed = crawl.count("train")
+    assert ds.samples("train").height + errors.height == listed  # every input row accounted for
+    assert s.errors["train"] == 1
+
+
+def test_a_second_writer_is_refused_by_the_bucket_lease(s3, bucket):
+    from wvdata.lock import DatasetLocked, dataset_lock
+
+    with dataset_lock("s3://crawls/locked", "first"):
+        with pytest.raises(DatasetLocked, match="first"):
+            with dataset_lock("s3://crawls/locked", "second"):
+                pass
+    with dataset_lock("s3://crawls/locked", "third"):  # released: free again
+        pass
