@@ -16,14 +16,15 @@ runner (`engine="local"`: in this process, the loader's workers decoding; `engin
 tasks) or, under torchrun, of rank `chunk % WORLD_SIZE`. Each finished chunk is written as a
 part file under `features/NAME/.parts/`; a rerun with the same arguments skips the finished
 chunks (a rerun with other arguments starts over), and the parts are assembled at the end.
+A dataset at a URL (s3://...) gets its parts and features in the bucket (`wvdata._store`).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ._store import Store
 from .dataset import Dataset, check_name, open_dataset
 from .engine import ENGINES, run_tasks, tick
 from .lock import dataset_lock
@@ -134,7 +136,7 @@ class _Chunk:
     split: str
     index: int
     entries: pl.DataFrame  # view entry rows (ENTRY_COLUMNS + shard_id) of this chunk
-    part: str  # the part file to write
+    part: str  # the part file to write, relative to the dataset
     spec: ModelSpec
     batch_size: int
     workers: int
@@ -181,9 +183,9 @@ def _embed_chunk(task: _Chunk) -> tuple[int, int]:
     ok[[order[k] for k in keys]] = True
     rows = np.argsort([order[k] for k in keys], kind="stable")  # keys come back in entry order already
     out = np.concatenate(feats)[rows] if feats else np.zeros((0, 0), np.float16)
-    tmp = f"{task.part}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, features=out, ok=ok)
-    os.replace(tmp, task.part)
+    buf = io.BytesIO()
+    np.savez(buf, features=out, ok=ok)
+    Store(task.root).write_atomic(task.part, buf.getvalue())
     return task.index, int(ok.sum())
 
 
@@ -233,21 +235,23 @@ def embed(dataset: str | os.PathLike | Dataset, *, checkpoint: str | os.PathLike
     entries = _plan_entries(v)
     if entries.height == 0:
         raise ValueError(f"{view or split!r} has no samples to embed")
-    out = os.path.join(ds.root, "features", name)
-    parts = os.path.join(out, ".parts")
+    st = Store(ds.root)
+    out = f"features/{name}"
+    parts = f"{out}/.parts"
     rank, world, dist, started = _dist()
     record = _plan_record(spec, v.split, view, entries["key"], int(chunk))
     n_chunks = -(-entries.height // chunk)
     if rank == 0:
-        _prepare_parts(parts, record)
-        resumed = sum(os.path.exists(os.path.join(parts, f"part-{i:06d}.npz")) for i in range(n_chunks))
+        _prepare_parts(st, parts, record)
+        resumed = len({f"part-{i:06d}.npz" for i in range(n_chunks)} & set(st.listdir(parts)))
     if dist is not None:
         dist.barrier()
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    tasks = [_Chunk(ds.root, v.split, i, entries.slice(i * chunk, chunk), os.path.join(parts, f"part-{i:06d}.npz"),
+    tasks = [_Chunk(ds.root, v.split, i, entries.slice(i * chunk, chunk), f"{parts}/part-{i:06d}.npz",
                     spec, batch_size, workers, device)
              for i in range(n_chunks) if i % world == rank]
-    todo = [t for t in tasks if not os.path.exists(t.part)]
+    done = set(st.listdir(parts))
+    todo = [t for t in tasks if t.part.rsplit("/", 1)[1] not in done]
     for _ in run_tasks(_embed_chunk, todo, weights=[t.entries.height for t in todo], engine=engine, workers=1,
                        desc=f"embed {name}", progress=progress and rank == 0, ticks=True):
         pass
@@ -255,7 +259,7 @@ def embed(dataset: str | os.PathLike | Dataset, *, checkpoint: str | os.PathLike
         dist.barrier()
     summary = {}
     if rank == 0:
-        summary = _assemble(ds, out, parts, entries, n_chunks, record)
+        summary = _assemble(ds, st, out, parts, entries, n_chunks, record)
         summary.update(chunks=n_chunks, chunks_resumed=resumed, seconds=time.perf_counter() - t0)
     if dist is not None:
         dist.barrier()  # the others return once the features are in place
@@ -264,68 +268,82 @@ def embed(dataset: str | os.PathLike | Dataset, *, checkpoint: str | os.PathLike
     return summary
 
 
-def _prepare_parts(parts: str, record: dict[str, Any]) -> None:
+def _prepare_parts(st: Store, parts: str, record: dict[str, Any]) -> None:
     """Keep the parts of an interrupted run of the same plan; start over for any other plan."""
-    plan = os.path.join(parts, "plan.json")
-    if os.path.isdir(parts):
+    plan = f"{parts}/plan.json"
+    if st.listdir(parts):
         try:
-            with open(plan) as f:
-                same = json.load(f) == json.loads(json.dumps(record))
+            same = json.loads(st.read_bytes(plan)) == json.loads(json.dumps(record))
         except (OSError, ValueError):
             same = False
         if not same:
-            print(f"embed: {parts} holds parts of a different plan; starting over", file=sys.stderr)
-            shutil.rmtree(parts)
-    os.makedirs(parts, exist_ok=True)
-    if not os.path.exists(plan):
-        with open(plan + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(plan + ".tmp", plan)
+            print(f"embed: {st.path(parts)} holds parts of a different plan; starting over", file=sys.stderr)
+            st.rmtree(parts)
+    st.makedirs(parts)
+    if not st.exists(plan):
+        st.write_atomic(plan, json.dumps(record, indent=2))
 
 
-def _assemble(ds: Dataset, out: str, parts: str, entries: pl.DataFrame, n_chunks: int,
+def _load_part(st: Store, rel: str):
+    """A part file, lazily on disk (np.load of an .npz reads members on access)."""
+    return np.load(io.BytesIO(st.read_bytes(rel)) if st.url else st.path(rel))
+
+
+def _parquet_bytes(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
+
+
+def _assemble(ds: Dataset, st: Store, out: str, parts: str, entries: pl.DataFrame, n_chunks: int,
               record: dict[str, Any]) -> dict[str, Any]:
-    """Concatenate the part files into features.npy + keys.parquet (+ errors.parquet, meta.json)."""
-    files = [np.load(os.path.join(parts, f"part-{i:06d}.npz")) for i in range(n_chunks)]
-    ok = np.concatenate([f["ok"] for f in files])
-    dims = {f["features"].shape[1] for f in files if len(f["features"])}
-    if len(dims) > 1:
-        raise ValueError(f"parts under {parts} disagree on the feature size {sorted(dims)}; rerun after deleting it")
-    dim = dims.pop() if dims else 0
-    with dataset_lock(ds.root, f"wvdata embed {os.path.basename(out)}"):
-        tmp = os.path.join(out, f"features.npy.tmp-{os.getpid()}")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(ok.sum()), dim))
-        row = 0
-        for f in files:
-            feats = f["features"]
-            arr[row:row + len(feats)] = feats
-            row += len(feats)
-        arr.flush()
-        del arr
+    """Stream the part files into features.npy (published last) + keys.parquet (+ errors.parquet,
+    meta.json); one part in memory at a time."""
+    names = [f"{parts}/part-{i:06d}.npz" for i in range(n_chunks)]
+    ok = np.concatenate([_load_part(st, n)["ok"] for n in names])
+    with dataset_lock(ds.root, f"wvdata embed {out.rsplit('/', 1)[1]}"):
         keys = entries["key"].filter(pl.Series(ok))
-        pl.DataFrame({"key": keys}).write_parquet(os.path.join(out, "keys.parquet.tmp"))
         bad = entries["key"].filter(pl.Series(~ok))
-        errors = os.path.join(out, "errors.parquet")
-        if bad.len():
-            pl.DataFrame({"key": bad, "reason": ["unreadable image"] * bad.len()}).write_parquet(errors)
-        elif os.path.exists(errors):
-            os.remove(errors)
-        meta = {**record, "rows": int(ok.sum()), "dim": dim, "unreadable": int(bad.len()), "dtype": "float16"}
-        with open(os.path.join(out, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(os.path.join(out, "keys.parquet.tmp"), os.path.join(out, "keys.parquet"))
-        os.replace(tmp, os.path.join(out, "features.npy"))
-        shutil.rmtree(parts)
-    return {"path": out, "rows": int(ok.sum()), "dim": dim, "unreadable": int(bad.len()), "model": record["spec"]}
+        with st.writer(f"{out}/features.npy") as f:
+            dim = None
+            for n in names:
+                feats = _load_part(st, n)["features"]
+                if not len(feats):
+                    continue
+                if dim is None:
+                    dim = feats.shape[1]
+                    np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False,
+                                                             "shape": (int(ok.sum()), dim)})
+                elif feats.shape[1] != dim:
+                    raise ValueError(f"parts under {st.path(parts)} disagree on the feature size "
+                                     f"({dim} and {feats.shape[1]}); rerun after deleting it")
+                f.write(np.ascontiguousarray(feats, dtype=np.float16).tobytes())
+            if dim is None:  # no readable sample at all
+                dim = 0
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False,
+                                                         "shape": (0, 0)})
+            if bad.len():
+                st.write_atomic(f"{out}/errors.parquet", _parquet_bytes(
+                    pl.DataFrame({"key": bad, "reason": ["unreadable image"] * bad.len()})))
+            else:
+                st.remove(f"{out}/errors.parquet")
+            meta = {**record, "rows": int(ok.sum()), "dim": dim, "unreadable": int(bad.len()), "dtype": "float16"}
+            st.write_atomic(f"{out}/meta.json", json.dumps(meta, indent=2))
+            st.write_atomic(f"{out}/keys.parquet", _parquet_bytes(pl.DataFrame({"key": keys})))
+        st.rmtree(parts)
+    return {"path": st.path(out), "rows": int(ok.sum()), "dim": dim, "unreadable": int(bad.len()),
+            "model": record["spec"]}
 
 
 def load_features(dataset: str | os.PathLike | Dataset, name: str) -> tuple[np.ndarray, pl.Series]:
     """(N x D float16 features, their keys) of DATASET/features/NAME, checked to match."""
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    out = os.path.join(ds.root, "features", check_name("view", name))
+    st = Store(ds.root)
+    out = f"features/{check_name('view', name)}"
     try:
-        feats = np.load(os.path.join(out, "features.npy"), mmap_mode="r")
-        keys = pl.read_parquet(os.path.join(out, "keys.parquet"))["key"]
+        feats = np.load(io.BytesIO(st.read_bytes(f"{out}/features.npy"))) if st.url \
+            else np.load(st.path(f"{out}/features.npy"), mmap_mode="r")
+        keys = pl.read_parquet(io.BytesIO(st.read_bytes(f"{out}/keys.parquet")))["key"]
     except FileNotFoundError:
         raise FileNotFoundError(f"features {name!r} not found in {ds.root}/features: run `wvdata embed` "
                                 "first") from None
