@@ -147,12 +147,17 @@ def test_ray_tasks_carry_no_local_paths_and_need_no_shared_disk(s3, bucket, refe
     assert not list(driver.iterdir()) and not list(workers.iterdir())  # nothing landed on a local disk
 
 
-def test_loader_streams_the_bucket_dataset(s3, bucket):
-    from wvdata.stream import loader
-
+def _pool_dataset(s3) -> str:
     url = "s3://crawls/ds-pool"
     if not s3.exists("crawls/ds-pool/dataset.json"):
         build("s3://crawls/wv", url, workers=1, progress=False, **OPTS)
+    return url
+
+
+def test_loader_streams_the_bucket_dataset(s3, bucket):
+    from wvdata.stream import loader
+
+    url = _pool_dataset(s3)
     ld = loader(url, batch_size=4, image_size=32, num_workers=2, rank=0, world_size=1)
     keys = [k for _, _, batch in ld for k in batch]
     assert Counter(keys) == Counter(open_dataset(url).samples("train")["key"].to_list())
@@ -161,9 +166,7 @@ def test_loader_streams_the_bucket_dataset(s3, bucket):
 def test_dedup_annotation_written_into_the_bucket(s3, bucket):
     from wvdata.dedup import dedup
 
-    url = "s3://crawls/ds-pool"
-    if not s3.exists("crawls/ds-pool/dataset.json"):
-        build("s3://crawls/wv", url, workers=1, progress=False, **OPTS)
+    url = _pool_dataset(s3)
     dedup(url, progress=False)
     table = open_dataset(url).annotation_path("dedup")
     import polars as pl
@@ -172,6 +175,24 @@ def test_dedup_annotation_written_into_the_bucket(s3, bucket):
         df = pl.read_parquet(f)
     assert df.height == sum(open_dataset(url).samples(s).height for s in ("train", "val", "test"))
     assert not s3.exists("crawls/ds-pool/.wvdata.lock")
+
+
+def test_embed_features_written_into_the_bucket(s3, bucket, tmp_path):
+    import timm
+    import torch
+
+    from wvdata.embed import embed, load_features
+
+    url = _pool_dataset(s3)
+    weights = tmp_path / "weights.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=4).state_dict(), weights)
+    summary = embed(url, model="test_resnet", weights=weights, image_size=32, name="tiny", workers=1, chunk=8,
+                    progress=False)
+    feats, keys = load_features(url, "tiny")
+    train = open_dataset(url).samples("train")["key"]
+    assert summary["rows"] == feats.shape[0] == keys.len() == train.len() and feats.shape[1] > 0
+    assert sorted(keys.to_list()) == sorted(train.to_list())
+    assert not s3.find("crawls/ds-pool/features/tiny/.parts")  # parts removed once assembled
 
 
 # ---------------------------------------------------------------- bad input
