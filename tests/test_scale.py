@@ -1,7 +1,6 @@
 """The scale benchmark scaled down (200k entries): the loader's entry data is flat arrays in
 shared memory, not per-entry Python objects, so forked workers neither hold nor copy it."""
 import mmap
-import os
 import shutil
 import sys
 from collections import Counter
@@ -28,11 +27,6 @@ def big(webvision_dataset, tmp_path_factory):
     return dst
 
 
-def _private_dirty_kb() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
-
-
 def test_entry_data_is_not_per_entry_python_objects(big):
     """Building a loader's entry data over 200k entries allocates a handful of Python objects (a
     list of keys alone would be 200k); the arrays live in one shared mapping."""
@@ -48,24 +42,41 @@ def test_entry_data_is_not_per_entry_python_objects(big):
         assert isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap), type(a)
 
 
+_FORK_CHECK = """
+import os, sys
+from wvdata.stream import loader
+def dirty():
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
+ld = loader(sys.argv[1], view="big", batch_size=64, image_size=32, num_workers=0, rank=0, world_size=1)
+e = ld.entries
+assert len(e.keys) == int(sys.argv[2])  # keys are read on first use (the loader: once its workers forked)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the child: no polars, no torch; plain reads of the shared arrays
+    try:
+        start = dirty()
+        total = sum(len(e.keys[p]) for p in range(len(e)))
+        total += int(e.size.sum()) + int(e.label.sum()) + int(e.offset.sum())
+        os.write(w, str(dirty() - start).encode())
+    finally:
+        os._exit(0)
+os.close(w)
+print(int(os.read(r, 100)))
+os.waitpid(pid, 0)
+"""
+
+
 def test_a_forked_worker_reading_every_entry_copies_nothing(big):
     """A forked process that reads every entry's key and numbers dirties (copies) almost no
-    memory: no refcounts are touched. Per-entry str objects would copy their pages (~18 MB)."""
-    ld = loader(big, view="big", batch_size=64, image_size=32, num_workers=0, rank=0, world_size=1)
-    e = ld.entries
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no polars, no torch; plain reads of the shared arrays
-        try:
-            start = _private_dirty_kb()
-            total = sum(len(e.keys[p]) for p in range(len(e)))
-            total += int(e.size.sum()) + int(e.label.sum()) + int(e.offset.sum())
-            os.write(w, f"{_private_dirty_kb() - start} {total}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    grown_kb, _ = map(int, os.read(r, 100).split())
-    os.waitpid(pid, 0)
+    memory: no refcounts are touched. Per-entry str objects would copy their pages (~18 MB).
+    Measured from a fresh process, as a loader's workers are forked from a trainer: a pytest
+    process's freed-but-dirty heap adds allocator noise of several MB."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FORK_CHECK, str(big), str(N)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown_kb = int(out.stdout.split()[-1])
     assert grown_kb < 4096, f"the child copied {grown_kb} kB"
 
 

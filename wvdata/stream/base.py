@@ -10,6 +10,7 @@ import hashlib
 import logging
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ import torch
 
 from ..dataset import is_url, open_file
 from ..views import View, annotation, concat_text
+from ._columns import read_key_buffer, read_numbers
 from .order import (
     epoch_order,
     num_batches,
@@ -97,9 +99,58 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64)
 
 
+class _Deferred:
+    """A value made once: in a background thread (`start`) or on first use (`result`)."""
+
+    def __init__(self, make):
+        self.make, self.thread, self.value, self.error = make, None, None, None
+
+    def start(self) -> _Deferred:
+        self.thread = threading.Thread(target=self._run, name="wvdata-keys", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.value = self.make()
+        except BaseException as e:  # noqa: BLE001 - raised again where the value is used
+            self.error = e
+
+    def result(self):
+        if self.thread is None:
+            self._run()
+        else:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def read_keys(v: View) -> Keys:
+    """A view's keys as one bytes buffer + 32-bit offsets in a shared mapping (the Arrow read is
+    copied there, then its memory given back)."""
+    got = read_key_buffer(v)
+    if got is not None:
+        return Keys(*got)
+    key = pc.cast(v.table(["key"]).column("key"), pa.large_string()).combine_chunks()
+    off = np.frombuffer(key.buffers()[1], np.int64, count=len(key) + 1, offset=key.offset * 8)
+    data = np.frombuffer(key.buffers()[2] or b"", np.uint8)[off[0]:off[-1]]
+    off = off - off[0]  # 32-bit offsets while the keys take < 2 GiB (16M keys: 64 MB less)
+    a = shared_arrays({"key_data": data, "key_offsets": off.astype(np.int32) if off[-1] < 2**31 else off})
+    del key, data, off
+    pa.default_memory_pool().release_unused()
+    return Keys(a["key_data"], a["key_offsets"])
+
+
 @dataclass
 class EntryArrays:
-    """What a worker needs to read entries: flat arrays in shared memory (cheap to fork)."""
+    """What a worker needs to read entries: flat arrays in shared memory (cheap to fork).
+
+    The keys (at 16M entries the biggest column by far: ~0.8 GB, and most of the read time) are
+    only needed where batches are handed out, never by a worker: they are read on first use of
+    `keys`, or in a background thread started by `of(..., keys="thread")`, so a loader can plan,
+    fork its workers or build its DALI pipeline while they load.
+    """
 
     paths: list[str]  # one per shard
     shard_id: np.ndarray
@@ -109,35 +160,45 @@ class EntryArrays:
     height: np.ndarray
     label: np.ndarray
     sample: np.ndarray
-    keys: Keys
     sha1: np.ndarray | None = None  # (n, 20) uint8 digests of the stored bytes, with verify=True
+    _keys: Keys | _Deferred | None = field(default=None, repr=False)
+
+    NUMBERS = ("shard_id", "data_offset", "bytes", "width", "height", "label", "sample")
 
     @classmethod
-    def of(cls, v: View, verify: bool = False) -> EntryArrays:
-        cols = ["key", "shard_id", "data_offset", "bytes", "width", "height", "label", "sample"]
-        t = v.table(cols)
-        key = pc.cast(t.column("key"), pa.large_string()).combine_chunks()
-        t = t.drop_columns(["key"])
-        off = np.frombuffer(key.buffers()[1], np.int64, count=len(key) + 1, offset=key.offset * 8)
-        data = np.frombuffer(key.buffers()[2] or b"", np.uint8)[off[0]:off[-1]]
-        off = off - off[0]  # 32-bit offsets while the keys take < 2 GiB (16M keys: 64 MB less)
-        arrays = {"key_data": data, "key_offsets": off.astype(np.int32) if off[-1] < 2**31 else off}
-        del key
-        for name in cols[1:]:
-            arrays[name] = _narrow(t.column(name).to_numpy())
-        del t
+    def of(cls, v: View, verify: bool = False, keys: str = "now") -> EntryArrays:
+        """The entry arrays of `v`; keys "now", "thread" (read in the background) or "later" (on
+        first use of `.keys`)."""
+        if keys not in ("now", "thread", "later"):
+            raise ValueError(f"keys must be 'now', 'thread' or 'later', got {keys!r}")
+        deferred = _Deferred(lambda: read_keys(v))
+        if keys == "thread":
+            deferred.start()
+        a = read_numbers(v, cls.NUMBERS)  # straight into shared memory where the view is on disk
+        if a is None:
+            t = v.table(list(cls.NUMBERS))
+            a = shared_arrays({name: _narrow(t.column(name).to_numpy()) for name in cls.NUMBERS})
+            del t
         if verify:  # the digests recorded at build time, gathered by sample id
             with open_file(v.dataset.samples_path(v.split)) as f:
                 hexes = pq.read_table(f, columns=["sha1"]).column("sha1")
             raw = np.frombuffer(concat_text(pc.cast(hexes, pa.large_string()).combine_chunks()), np.uint8)
             digests = np.frombuffer(bytes.fromhex(raw.tobytes().decode()), np.uint8).reshape(-1, 20)
-            arrays["sha1"] = digests[arrays["sample"]]
-        a = shared_arrays(arrays)
-        del arrays, data
-        pa.default_memory_pool().release_unused()  # the Arrow reads are copied: give their memory back
-        return cls([v.dataset.shard_path(v.split, s) for s in v.shards], a["shard_id"], a["data_offset"],
-                   a["bytes"], a["width"], a["height"], a["label"], a["sample"],
-                   Keys(a["key_data"], a["key_offsets"]), a.get("sha1"))
+            a["sha1"] = shared_arrays({"sha1": digests[a["sample"]]})["sha1"]
+        if keys != "thread":  # (a running key read would get it back itself)
+            pa.default_memory_pool().release_unused()  # the Arrow reads are copied: give their memory back
+        out = cls([v.dataset.shard_path(v.split, s) for s in v.shards], a["shard_id"], a["data_offset"],
+                  a["bytes"], a["width"], a["height"], a["label"], a["sample"], a.get("sha1"), deferred)
+        if keys == "now":
+            out.keys  # noqa: B018 - read them now
+        return out
+
+    @property
+    def keys(self) -> Keys:
+        """The entry keys (read or waited for on first use)."""
+        if not isinstance(self._keys, Keys):
+            self._keys = self._keys.result()
+        return self._keys
 
     def __len__(self) -> int:
         return len(self.shard_id)
@@ -145,7 +206,7 @@ class EntryArrays:
     def check(self, p: int, data: bytes) -> bytes:
         """`data` of entry p, after comparing its sha1 with the recorded one (when verifying)."""
         if self.sha1 is not None and hashlib.sha1(data).digest() != self.sha1[p].tobytes():
-            raise ValueError(f"sha1 mismatch: the stored bytes of {self.keys[p]} changed since the build")
+            raise ValueError("sha1 mismatch: the stored bytes changed since the build")
         return data
 
 
@@ -204,6 +265,7 @@ class LoaderBase:
     """What both backends share: the epoch plan, len(), set_epoch, state, skip accounting."""
 
     backend = "?"
+    key_read = "now"  # when the entry keys are read (see EntryArrays.of): backends defer them
 
     def __init__(self, v: View, *, batch_size: int, train: bool, cfg: TransformConfig, seed: int,
                  rank: int, world_size: int, drop_last: bool, shuffle: bool, window: int,
@@ -216,7 +278,7 @@ class LoaderBase:
         self.epoch, self._batch, self._resuming = 0, 0, False
         self.stats = LoaderStats()
         self.verify = verify
-        self.entries = EntryArrays.of(v, verify)
+        self.entries = EntryArrays.of(v, verify, self.key_read)
         self.quota: tuple[tuple[int, ...], np.ndarray] | None = None  # curriculum quota batches: (quota, groups)
         if quota is not None:
             self.quota = quota_groups(v, quota, batch_size * world_size)

@@ -1,12 +1,18 @@
 """The torch backend: byte-range reads + PIL decode in DataLoader worker processes.
 
 One DataLoader item is one whole batch of this rank's epoch plan: a worker reads a run of
-entries from few shards and hands over a finished uint8 batch.
+entries from few shards and hands over a finished uint8 batch with the positions it holds; the
+main process attaches labels, keys and sample ids from those positions.
+
+Start-up (what the first batch waits for): the entry numbers (not the keys) are read while
+torchvision (RandAugment) is imported in a thread; the workers are forked, and the keys are
+read in the main process while the workers decode the first batches. Workers never touch keys.
 """
 from __future__ import annotations
 
 import gc
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +27,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Batch i of one rank's epoch plan, decoded and augmented (one item = one whole batch)."""
+    """Batch i of one rank's epoch plan, decoded and augmented (one item = one whole batch):
+    (images, positions of the entries decoded, [(shard id, position, why) of the skipped ones])."""
 
     def __init__(self, src: EntryArrays, positions: np.ndarray, batch_size: int, cfg: TransformConfig,
                  seed: int, epoch: int, rank: int):
@@ -37,7 +44,7 @@ class _Batches(torch.utils.data.Dataset):
         if self.files is None:
             self.files, self.randaug = ShardFiles(self.src.paths), make_randaug(self.cfg)
         src, cfg = self.src, self.cfg
-        images, labels, keys, bad, ids = [], [], [], [], []
+        images, good, bad = [], [], []
         for j, p in enumerate(self.positions[i * self.bs:(i + 1) * self.bs]):
             sample_seed = hash((self.seed, self.epoch, self.rank, i, j)) & 0x7FFFFFFF
             try:
@@ -51,12 +58,10 @@ class _Batches(torch.utils.data.Dataset):
                 else:
                     arr = eval_images(data, int(src.width[p]), int(src.height[p]), cfg)
             except Exception as e:  # noqa: BLE001 - a bad sample is skipped, never fatal
-                bad.append((int(src.shard_id[p]), src.keys[p], f"{type(e).__name__}: {e}"))
+                bad.append((int(src.shard_id[p]), int(p), f"{type(e).__name__}: {e}"))
                 continue
             images.append(arr)
-            labels.append(src.label[p])
-            keys.append(src.keys[p])
-            ids.append(src.sample[p])
+            good.append(p)
         s = cfg.image_size
         if images:
             x = torch.from_numpy(np.stack(images))
@@ -66,17 +71,31 @@ class _Batches(torch.utils.data.Dataset):
         if x.dim() == 5 and cfg.eval_crops == 1:
             x = x[:, 0]
         x = x.movedim(-1, -3)  # ..., H, W, C -> ..., C, H, W (channels-last memory)
-        return (x, torch.as_tensor(np.asarray(labels, dtype=np.int64)), keys, bad,
-                torch.as_tensor(np.asarray(ids, dtype=np.int64)))
+        return x, torch.as_tensor(np.asarray(good, dtype=np.int64)), bad
+
+
+def _import_quietly(cfg: TransformConfig) -> None:
+    """Import what RandAugment needs (torchvision: seconds) in a thread; errors surface later,
+    from the main thread's own call."""
+    try:
+        make_randaug(cfg)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class TorchLoader(LoaderBase):
     """The torch backend: byte-range reads + PIL decode in DataLoader worker processes."""
 
     backend = "torch"
+    key_read = "later"  # read in the main process once the workers are forked (see __iter__)
 
     def __init__(self, v: View, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2,
                  **common: Any):
+        self._warm: threading.Thread | None = None
+        cfg = common["cfg"]
+        if num_workers > 0 and cfg.train and cfg.randaug_n > 0:  # overlaps the entry read below
+            self._warm = threading.Thread(target=_import_quietly, args=(cfg,), name="wvdata-import", daemon=True)
+            self._warm.start()
         super().__init__(v, **common)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
 
@@ -87,6 +106,9 @@ class TorchLoader(LoaderBase):
         plan = shared_arrays({"plan": self.positions(epoch)})["plan"]
         data = _Batches(self.entries, plan, self.batch_size, self.cfg, self.seed, epoch, self.rank)
         if self.num_workers > 0:
+            if self._warm is not None:  # no other thread of ours is alive when the workers fork
+                self._warm.join()
+                self._warm = None
             make_randaug(self.cfg)  # imports torchvision here, once, not in every forked worker
             # the main process's objects leave the collector's reach while workers fork: a worker's
             # collections then never write to (and so copy) the pages it shares with the main process
@@ -100,10 +122,12 @@ class TorchLoader(LoaderBase):
                 gc.unfreeze()
         else:
             it = (data[i] for i in range(start, len(data)))
-        for images, labels, keys, bad, ids in it:
-            self._note_bad(bad)
+        e = self.entries
+        keys = e.keys  # the first epoch reads them here, while the workers decode the first batches
+        for images, pos, bad in it:
+            self._note_bad([(shard, keys[p], why) for shard, p, why in bad])
             self._batch += 1
-            yield (images, labels, keys, ids) if self.with_index else (images, labels, keys)
+            p = pos.numpy()
+            batch = (images, torch.as_tensor(e.label[p].astype(np.int64)), keys.take(p))
+            yield (*batch, torch.as_tensor(e.sample[p].astype(np.int64))) if self.with_index else batch
         self.epoch, self._batch = epoch + 1, 0
-
-

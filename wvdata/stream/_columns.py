@@ -1,0 +1,168 @@
+"""Entry columns of a view read straight into shared memory, one parquet row group at a time.
+
+At 16M entries reading whole columns into Arrow, then narrowing and copying them into the
+loader's shared mapping, costs several seconds and GBs of transient memory. Here each row
+group is decoded on one thread and written once, into arrays sized beforehand from the parquet
+statistics (min/max pick the narrowest integer type), so the only copy is the one into shared
+memory. Views held in memory (a polars frame) take the plain Arrow path.
+"""
+from __future__ import annotations
+
+import mmap
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..dataset import join, open_file
+from ..views import View
+
+
+def int_type(lo: int, hi: int) -> np.dtype:
+    """The smallest of int16/32/64 (or uint8/16/32) that holds [lo, hi]."""
+    for t in (np.int16, np.int32, np.int64) if lo < 0 else (np.uint8, np.uint16, np.uint32, np.int64):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.int64)
+
+
+def shared_empty(spec: dict[str, tuple[int, np.dtype]]) -> dict[str, np.ndarray]:
+    """Uninitialised arrays (name -> (length, dtype)) in one MAP_SHARED anonymous mapping."""
+    sizes = [-(-n * np.dtype(t).itemsize // 64) * 64 for n, t in spec.values()]
+    mm = mmap.mmap(-1, max(1, sum(sizes)))
+    out, at = {}, 0
+    for (name, (n, t)), size in zip(spec.items(), sizes):
+        out[name] = np.frombuffer(mm, t, count=n, offset=at)
+        at += size
+    return out
+
+
+def _source(v: View) -> tuple[str, bool] | None:
+    """(parquet path, is the split's samples.parquet) of a view read from disk, else None."""
+    if v._entries is not None:
+        return None
+    if v.name is not None:
+        return join(v.dataset.root, "views", v.name, "entries.parquet"), False
+    return v.dataset.samples_path(v.split), True
+
+
+def _min_max(pf: pq.ParquetFile, column: str) -> tuple[int, int] | None:
+    """A column's (min, max) from the row group statistics, None where any is missing."""
+    md = pf.metadata
+    j = pf.schema_arrow.get_field_index(column)
+    lo = hi = None
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(j).statistics
+        if st is None or not st.has_min_max or st.null_count:
+            return None
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    return (0, 0) if lo is None else (int(lo), int(hi))
+
+
+def read_numbers(v: View, columns: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Integer entry columns (of ENTRY_COLUMNS + shard_id) of an on-disk view, narrowed, in one
+    shared mapping; None where the view is in memory or a column has no statistics (the caller
+    then takes the Arrow path)."""
+    src = _source(v)
+    if src is None:
+        return None
+    path, split = src
+    shards = v.shards
+    with open_file(path) as f:
+        pf = pq.ParquetFile(f, read_dictionary=["shard"] if split else None)
+        n = pf.metadata.num_rows
+        read = [c for c in columns if not (split and c in ("sample", "shard_id"))]
+        if split and "shard_id" in columns:
+            read.append("shard")
+        spec = {}
+        for c in columns:
+            if split and c == "sample":
+                spec[c] = (n, int_type(0, max(n - 1, 0)))
+            elif split and c == "shard_id":
+                spec[c] = (n, int_type(0, max(len(shards) - 1, 0)))
+            else:
+                bounds = _min_max(pf, c)
+                if bounds is None:
+                    return None
+                if c == "shard_id" and n and (bounds[0] < 0 or bounds[1] >= len(shards)):
+                    raise ValueError(f"{path}: shard_id outside the {len(shards)} shards of its split")
+                spec[c] = (n, int_type(*bounds))
+        out = shared_empty(spec)
+        names = pa.array(shards, pa.string())
+        at = 0
+        for i in range(pf.metadata.num_row_groups):
+            t = pf.read_row_group(i, columns=read, use_threads=False)
+            m = t.num_rows
+            for c in read:
+                if c == "shard":
+                    continue
+                col = t.column(c)
+                if col.null_count:
+                    raise ValueError(f"{path}: column {c} has nulls")
+                out[c][at:at + m] = col.to_numpy()
+            if split and "shard_id" in columns:
+                for chunk, lo in zip(t.column("shard").chunks, np.cumsum([0, *map(len, t.column("shard").chunks)])):
+                    if not pa.types.is_dictionary(chunk.type):
+                        chunk = chunk.dictionary_encode()
+                    ids = pc.index_in(chunk.dictionary.cast(pa.string()), value_set=names)
+                    if ids.null_count or chunk.null_count:
+                        raise ValueError(f"{path}: samples in shards that dataset.json does not list")
+                    got = np.asarray(ids.to_numpy(zero_copy_only=False))[chunk.indices.to_numpy()]
+                    out["shard_id"][at + lo:at + lo + len(chunk)] = got
+            at += m
+            del t
+    if split and "sample" in columns:
+        out["sample"][:] = np.arange(n, dtype=out["sample"].dtype)
+    for a in out.values():
+        a.flags.writeable = False
+    return out
+
+
+def read_key_buffer(v: View) -> tuple[np.ndarray, np.ndarray] | None:
+    """The keys of an on-disk view as (bytes, offsets) in shared mappings, written row group by
+    row group (the data mapping grows by doubling when the size estimate falls short); None
+    for a view in memory."""
+    src = _source(v)
+    if src is None:
+        return None
+    path, _ = src
+    with open_file(path) as f:
+        pf = pq.ParquetFile(f)
+        md = pf.metadata
+        n = md.num_rows
+        j = pf.schema_arrow.get_field_index("key")
+        cap = max(4096, sum(md.row_group(i).column(j).total_uncompressed_size for i in range(md.num_row_groups)))
+        mm = mmap.mmap(-1, cap)
+        offsets = np.empty(n + 1, np.int64)
+        offsets[0] = 0
+        row = pos = 0
+        for i in range(md.num_row_groups):
+            col = pf.read_row_group(i, columns=["key"], use_threads=False).column(0)
+            for chunk in col.chunks:
+                if chunk.null_count:
+                    raise ValueError(f"{path}: null keys")
+                if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+                    chunk = chunk.cast(pa.large_string())
+                m = len(chunk)
+                wide = np.dtype(np.int64 if pa.types.is_large_string(chunk.type) else np.int32)
+                off = np.frombuffer(chunk.buffers()[1], wide, count=m + 1, offset=chunk.offset * wide.itemsize)
+                size = int(off[-1] - off[0])
+                if pos + size > len(mm):  # the estimate fell short (dictionary-encoded repeats): grow
+                    bigger = mmap.mmap(-1, max(2 * len(mm), pos + size))
+                    bigger[:pos] = mm[:pos]
+                    mm.close()
+                    mm = bigger
+                if size:
+                    mm[pos:pos + size] = memoryview(chunk.buffers()[2])[int(off[0]):int(off[-1])]
+                offsets[row + 1:row + m + 1] = off[1:] - off[0] + pos
+                row, pos = row + m, pos + size
+            del col
+    data = np.frombuffer(mm, np.uint8, count=pos)
+    off_type = np.int32 if pos < 2**31 else np.int64
+    shared = shared_empty({"key_offsets": (n + 1, np.dtype(off_type))})["key_offsets"]
+    shared[:] = offsets
+    data.flags.writeable = shared.flags.writeable = False
+    return data, shared
