@@ -241,6 +241,41 @@ def test_a_key_that_vanishes_mid_build_is_an_error_row(s3, bucket, crawl, monkey
     assert s.errors["train"] == 1
 
 
+def test_missing_permissions_are_error_rows_or_one_line_errors(s3, bucket, crawl, tmp_path):
+    """With moto enforcing IAM: a user who may list the crawl but not read its images gets one
+    error row per image (nothing lost); one who may not write the output gets one line."""
+    import boto3
+    import requests
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    s3.copy("crawls/wv", "crawls/wv-denied", recursive=True)
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    iam.create_user(UserName="builder")
+    iam.put_user_policy(UserName="builder", PolicyName="crawl", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::crawls/wv-denied/*.jpg"},
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::crawls/ds-readonly/*"}]}))
+    key = iam.create_access_key(UserName="builder")["AccessKey"]
+    creds = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0").raise_for_status()
+    try:
+        res = _cli(["build", "s3://crawls/wv-denied", "-o", "s3://crawls/ds-denied", *CLI_OPTS], tmp_path, **creds)
+        assert res.returncode == 0, res.stderr
+        res = _cli(["build", "s3://crawls/wv", "-o", "s3://crawls/ds-readonly", *CLI_OPTS], tmp_path, **creds)
+        assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "permission denied" in res.stderr and "Traceback" not in res.stderr
+        assert key["SecretAccessKey"] not in res.stderr
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf").raise_for_status()
+    ds = open_dataset("s3://crawls/ds-denied")
+    for split in ("train", "val", "test"):
+        errors = ds.errors(split)
+        assert ds.samples(split).height == 0 and errors.height == crawl.count(split)
+        assert set(errors["reason"]) == {"unreadable file"}
+        assert errors["detail"].str.contains("Permission|AccessDenied|Forbidden").all()
+
+
 def test_a_second_writer_is_refused_by_the_bucket_lease(s3, bucket):
     from wvdata.lock import DatasetLocked, dataset_lock
 

@@ -59,14 +59,24 @@ class UrlPath:
             return fn(*args, **kw)
         except FileNotFoundError:
             raise
+        except PermissionError as e:
+            raise PermissionError(f"permission denied reading {self.url}: {describe_error(e)}") from None
         except Exception as e:
             raise StoreError(f"cannot read {self.url}: {describe_error(e)}") from None
 
     def exists(self) -> bool:
-        return bool(self._ask(self.fs.exists, self._key))
+        """True also when the store refuses to say (403): the read will then fail on its own,
+        as an error row, instead of the whole listing."""
+        try:
+            return bool(self._ask(self.fs.exists, self._key))
+        except PermissionError:
+            return True
 
     def is_file(self) -> bool:
-        return bool(self._ask(self.fs.isfile, self._key))
+        try:
+            return bool(self._ask(self.fs.isfile, self._key))
+        except PermissionError:
+            return not self.url.endswith("/")
 
     def is_dir(self) -> bool:
         return bool(self._ask(self.fs.isdir, self._key))
