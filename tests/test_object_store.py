@@ -193,6 +193,12 @@ def test_embed_features_written_into_the_bucket(s3, bucket, tmp_path):
     assert summary["rows"] == feats.shape[0] == keys.len() == train.len() and feats.shape[1] > 0
     assert sorted(keys.to_list()) == sorted(train.to_list())
     assert not s3.find("crawls/ds-pool/features/tiny/.parts")  # parts removed once assembled
+    from wvdata.curriculum import curriculum
+
+    table = curriculum(url, "tiny", progress=False)  # reads those features, writes its annotation
+    from wvdata.views import annotation
+
+    assert annotation(open_dataset(url), "curriculum", "train").height == table.height == train.len()
 
 
 # ---------------------------------------------------------------- bad input

@@ -144,13 +144,14 @@ class Dataset:
         """Write annotations/NAME.parquet under a temporary name, then rename it into place
         (local paths and fsspec URLs), so a reader never sees half a table; return its path."""
         path = self.annotation_path(name)
-        if is_url(path):
-            import fsspec
+        if is_url(path):  # one PUT: an object appears whole or not at all
+            import io
 
-            fs, _, (p,) = fsspec.get_fs_token_paths(path)
-            with fs.open(p + ".tmp", "wb") as f:
-                table.write_parquet(f)
-            fs.mv(p + ".tmp", p)
+            from ._store import Store
+
+            buf = io.BytesIO()
+            table.write_parquet(buf)
+            Store(self.root).write_atomic(f"annotations/{name}.parquet", buf.getvalue())
             return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
