@@ -9,7 +9,7 @@ import pytest
 from wvdata import open_dataset
 from wvdata.build.tar import parse_idx
 from wvdata.cli import main
-from wvdata.views import balance_per_class, load_view, select, view, write_view
+from wvdata.views import ENTRY_COLUMNS, balance_per_class, load_view, select, view, write_view
 
 
 @pytest.fixture()
@@ -34,14 +34,61 @@ def test_per_class_balance_is_exact_with_duplication_where_short():
 def test_view_idx_files_list_exactly_the_entries(dataset):
     v = view(dataset, "bal", per_class=9, seed=0)
     assert len(v) == 9 * 10
-    listed = Counter()
-    for path in v.index_paths():
-        for members in parse_idx(open(path).read()):
-            listed[members[0].name.split(".")[0]] += 1
-            assert [m.ext for m in members] == ["jpg", "cls", "json"]
-    assert listed == Counter(v.entries["key"].to_list())
+    e = v.entries
+    starts = open_dataset(dataset).shard_starts("train")
+    row = 0  # the .idx files list the entries in entries.parquet order, shard by shard
+    for k, (path, shard) in enumerate(zip(v.index_paths(), v.shards)):
+        tar = (dataset / "train" / f"{shard}.tar").read_bytes()
+        for jpg, cls in parse_idx(open(path).read()):
+            assert (jpg.ext, cls.ext) == ("jpg", "cls") and e["shard"][row] == shard
+            assert jpg.offset == e["data_offset"][row] and jpg.size == e["bytes"][row]
+            assert int(jpg.name.split(".")[0]) == e["sample"][row] - starts[k]  # the sample's place in its shard
+            assert tar[jpg.offset - 512:jpg.offset - 412].rstrip(b"\0").decode() == f"{e['key'][row]}.jpg"
+            assert tar[cls.offset - 512:cls.offset - 412].rstrip(b"\0").decode() == f"{e['key'][row]}.cls"
+            assert tar[cls.offset:cls.offset + cls.size] == str(e["label"][row]).encode()
+            row += 1
+    assert row == len(v)
     again = load_view(dataset, "bal")
     assert again.entries.equals(v.entries) and again.split == "train"
+
+
+def test_view_rejects_entries_whose_shard_is_not_their_samples(dataset):
+    e = select(dataset, columns=ENTRY_COLUMNS).head(3)
+    other = open_dataset(dataset).shards("train")[-1]["name"]
+    with pytest.raises(ValueError, match="not the shard of their `sample`"):
+        write_view(dataset, "bad", e.with_columns(pl.lit(other).alias("shard")))
+    assert not (dataset / "views" / "bad").exists()
+
+
+def test_dali_reads_a_view_through_its_idx_files(dataset):
+    pytest.importorskip("nvidia.dali")
+    import hashlib
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    v = view(dataset, "bal", per_class=7, seed=3)  # repeats where a class is short
+    used = [k for k, s in enumerate(v.shards) if (v.entries["shard_id"] == k).any()]  # DALI wants >= 1 line
+    tars = [str(dataset / "train" / f"{v.shards[k]}.tar") for k in used]
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None, seed=0)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[v.index_paths()[k] for k in used],
+                                         ext=["jpg", "cls"], missing_component_behavior="error",
+                                         random_shuffle=False, pad_last_batch=True, name="reader")
+        return fn.decoders.image(jpg, device="cpu"), jpg, cls
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("reader") == len(v)
+    got = []
+    while len(got) < len(v):
+        images, jpgs, labels = p.run()
+        got += [(hashlib.sha1(np.asarray(jpgs[i]).tobytes()).hexdigest(), int(np.asarray(labels[i]).tobytes()),
+                 np.asarray(images[i]).shape[:2]) for i in range(len(images))]
+    samples = open_dataset(dataset).samples("train").select("key", "sha1", "label", "width", "height")
+    by_key = {k: (s, lab, (h, w)) for k, s, lab, w, h in samples.iter_rows()}
+    assert got[:len(v)] == [by_key[k] for k in v.entries["key"]]
 
 
 def test_missing_annotation_names_the_command(dataset):
@@ -85,3 +132,13 @@ def test_key_list_api_keeps_repeats_and_rejects_unknown_keys(dataset):
     assert sorted(v.entries["key"].to_list()) == sorted([keys[0], keys[0], keys[3]])
     with pytest.raises(KeyError, match="not samples"):
         write_view(dataset, "bad", ["nope"])
+
+
+def test_view_over_a_shard_of_another_layout_is_refused_and_leaves_nothing(dataset):
+    idx = dataset / "train" / "shard-000000.idx"
+    head, first, rest = idx.read_text().split("\n", 2)
+    fields = first.split()
+    idx.write_text("\n".join([head, " ".join(fields[8:] + fields[:8]), rest]))  # json member first
+    with pytest.raises(ValueError, match="not stored as KEY.jpg then KEY.cls"):
+        view(dataset, "bal", per_class=3)
+    assert not (dataset / "views").exists() or not any((dataset / "views").iterdir())

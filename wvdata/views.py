@@ -3,7 +3,9 @@
 A view combines curation tables (dedup, AUM, curriculum, class balance) into the entries a
 reader visits; an entry may repeat. It is written as `views/NAME/view.json`, `entries.parquet`
 (one row per entry, in reading order) and one DALI `.idx` per shard listing exactly the
-view's entries of that shard, repeats included, so DALI reads a view directly.
+view's entries of that shard, repeats included, so DALI reads a view directly: each line is
+`jpg OFFSET SIZE N.jpg cls OFFSET SIZE N.cls` (the image and its label; N the sample's place in
+its shard), numbers zero-padded to one width, formatted by numpy from the entry columns.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._args import fraction, positive_int
+from ._fixed_text import fixed_lines, width
 from ._where import safe_filter
 from .build.tar import IDX_VERSION, write_atomic
 from .dataset import Dataset, check_name, is_url, join, open_dataset, open_file
@@ -252,9 +257,23 @@ def _exists(path: str) -> bool:
 
 
 def _entries(ds: Dataset, split: str, df: pl.DataFrame) -> pl.DataFrame:
-    order = {s: i for i, s in enumerate(s["name"] for s in ds.shards(split))}
-    return (df.select(ENTRY_COLUMNS)
-              .with_columns(pl.col("shard").replace_strict(order, return_dtype=pl.Int32).alias("shard_id")))
+    """ENTRY_COLUMNS + shard_id. The shard of an entry follows from its `sample` (samples.parquet
+    rows are grouped by shard, in manifest order): a binary search per entry instead of a string
+    look-up; the `shard` names at both ends of every run of one shard are checked against it."""
+    starts = np.asarray(ds.shard_starts(split), np.int64)
+    sample = df["sample"].to_numpy()
+    if len(sample) and (int(sample.min()) < 0 or int(sample.max()) >= starts[-1]):
+        raise ValueError(f"entries name samples outside the {starts[-1]} of split {split!r}")
+    if len(sample) > 1 and (np.diff(sample.astype(np.int64)) >= 0).all():  # in sample order: runs per shard
+        sid = np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(np.searchsorted(sample, starts)))
+    else:
+        sid = (np.searchsorted(starts, sample, side="right") - 1).astype(np.int32)
+    ends = np.flatnonzero(np.diff(sid)) if len(sid) else np.zeros(0, np.int64)
+    probe = np.unique(np.r_[0, ends, ends + 1, len(sid) - 1]) if len(sid) else ends
+    names = np.array([s["name"] for s in ds.shards(split)], dtype=object)
+    if not (df["shard"].gather(probe).cast(pl.String).to_numpy() == names[sid[probe]]).all():
+        raise ValueError(f"entries whose `shard` is not the shard of their `sample` in split {split!r}")
+    return df.select(ENTRY_COLUMNS).with_columns(pl.Series("shard_id", sid))
 
 
 def memory_view(dataset: str | os.PathLike | Dataset, entries: pl.DataFrame, split: str = "train") -> View:
@@ -270,60 +289,171 @@ def write_view(dataset: str | os.PathLike | Dataset, name: str, entries: pl.Data
     check_name("view", name)
     df = entries if isinstance(entries, pl.DataFrame) and "sample" in entries.columns \
         else select(ds, split, keys=entries, columns=ENTRY_COLUMNS)
-    ent = _entries(ds, split, df).sort(["shard_id", "data_offset"], maintain_order=True)
+    ent = _in_shard_order(_entries(ds, split, df))
     with dataset_lock(ds.root, f"wvdata view {name}"):
         return _write_view_locked(ds, name, ent, split, options)
 
 
+def _in_shard_order(ent: pl.DataFrame) -> pl.DataFrame:
+    """Entries by (shard_id, data_offset), repeats side by side; a frame already in that order
+    (a whole split, most selections) is checked in one pass and not sorted again."""
+    sid, off = ent["shard_id"].to_numpy(), ent["data_offset"].to_numpy()
+    if len(off) < 2:
+        return ent
+    if int(off.max()) < 2**40 and int(off.min()) >= 0:
+        if (np.diff((sid.astype(np.int64) << 40) | off) >= 0).all():
+            return ent
+    return ent.sort(["shard_id", "data_offset"], maintain_order=True)
+
+
 def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, options: dict[str, Any] | None) -> View:
+    """entries.parquet (in a thread) and the .idx files, each fsynced, under a hidden temporary
+    name; then view.json; then one rename: a view appears complete or not at all."""
     out = os.path.join(ds.root, "views", name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(out))  # hidden, unique: no view's name
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)  # hidden, unique: no view's name
     shards = [s["name"] for s in ds.shards(split)]
-    starts = ds.shard_starts(split)
-    sid = ent["shard_id"].to_numpy()
-    bounds = np.searchsorted(sid, np.arange(len(shards) + 1))  # entries are sorted by shard
-    line = ent["sample"].to_numpy().astype(np.int64)
-    keys = ent["key"]
-    shards_meta, files = [], []
-    for k, shard in enumerate(shards):
-        lo, hi = int(bounds[k]), int(bounds[k + 1])
-        body: Any = b""
-        if hi > lo:  # the shard's own index lines of these samples (all members: jpg, cls, json)
-            body = _index_lines(ds.shard_path(split, shard, "idx"), line[lo:hi] - starts[k],
-                                starts[k + 1] - starts[k], keys[lo])
-        files.append((os.path.join(tmp, f"{shard}.idx"), f"{IDX_VERSION} {hi - lo}\n".encode(), body))
-        shards_meta.append({"name": shard, "entries": hi - lo})
-    _write_files(files)
-    ent.write_parquet(os.path.join(tmp, "entries.parquet"))
-    meta = {"name": name, "split": split, "entries": ent.height, "unique": ent["sample"].n_unique(),
-            "classes": ent["label"].n_unique(), "options": options or {}, "shards": shards_meta}
-    write_atomic(os.path.join(tmp, "view.json"), json.dumps(meta, indent=2) + "\n")
+    bounds = np.searchsorted(ent["shard_id"].to_numpy(), np.arange(len(shards) + 1))  # sorted by shard
+    try:
+        with ThreadPoolExecutor(1) as pool:  # entries.parquet beside the .idx files
+            table = pool.submit(_write_parquet, ent, os.path.join(tmp, "entries.parquet"))
+            _write_indexes([os.path.join(tmp, f"{s}.idx") for s in shards],
+                           [ds.shard_path(split, s, "idx") for s in shards], bounds, ds.shard_starts(split), ent)
+            table.result()
+        meta = {"name": name, "split": split, "entries": ent.height, "unique": _distinct(ent["sample"].to_numpy()),
+                "classes": _distinct(ent["label"].to_numpy()), "options": options or {},
+                "shards": [{"name": s, "entries": int(bounds[k + 1] - bounds[k])} for k, s in enumerate(shards)]}
+        write_atomic(os.path.join(tmp, "view.json"), json.dumps(meta, indent=2) + "\n")
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     if os.path.isdir(out):  # move the old one aside first: a view is never half replaced
-        old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=os.path.dirname(out))
+        old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
         os.replace(out, os.path.join(old, "view"))
         shutil.rmtree(old)
     os.replace(tmp, out)
+    _fsync_dir(parent)
     return View(ds, split, name, ent)
 
 
-def _index_lines(path: str, rows: np.ndarray, expect: int, first_key: str) -> memoryview:
-    """Lines `rows` (0-based, repeats allowed) of a shard's .idx, each with its newline, as one
-    buffer: an Arrow take over the file's lines, no Python work per line. The shard's .idx lists
-    its samples in samples.parquet order; the count and the first key taken are checked."""
+_CHUNK_ROWS = 1 << 20  # index lines formatted at a time (~50 MB of text)
+
+
+def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.ndarray, starts: Sequence[int],
+                   ent: pl.DataFrame) -> None:
+    """One .idx per shard: `jpg OFFSET SIZE N.jpg cls OFFSET SIZE N.cls` per entry, N the sample's
+    position in its shard (its row in samples.parquet less the shard's first), the same field
+    widths in every file. Chunks of shards are formatted by numpy in two threads while eight
+    write and fsync the files (concurrent fsyncs share the filesystem's journal commits)."""
+    off = ent["data_offset"].to_numpy()
+    size = ent["bytes"].to_numpy()
+    label = ent["label"].to_numpy()
+    # the tar layout every build writes: KEY.jpg then KEY.cls, one 512-byte header per member,
+    # data padded to 512 bytes; the .cls holds str(label) (_check_layout checks each shard)
+    cls_off = off + (size + 511) // 512 * 512 + 512
+    mag = np.abs(label)
+    cls_size = (label < 0).astype(np.int64) + 1
+    for j in range(1, width(mag) if len(mag) else 1):
+        cls_size += mag >= 10 ** j
+    sid = ent["shard_id"].to_numpy()
+    pos = ent["sample"].to_numpy().astype(np.int64) - np.asarray(starts, np.int64)[sid] if len(sid) else sid
+    w_off, w_size, w_pos, w_cls = width(cls_off), width(size), width(pos), width(cls_size)
+    io = ThreadPoolExecutor(8)
+    room = threading.BoundedSemaphore(4)  # chunks of text held at once
+
+    def chunk(k: int, stop: int) -> list[Future]:
+        lo, hi = int(bounds[k]), int(bounds[stop])
+        for j in range(k, stop):
+            if bounds[j + 1] > bounds[j]:
+                _check_layout(shard_idx[j])
+        p = pos[lo:hi]
+        text = fixed_lines([b"jpg ", (off[lo:hi], w_off), b" ", (size[lo:hi], w_size), b" ", (p, w_pos),
+                            b".jpg cls ", (cls_off[lo:hi], w_off), b" ", (cls_size[lo:hi], w_cls), b" ", (p, w_pos),
+                            b".cls\n"], hi - lo)
+        jobs = [io.submit(_write_synced, paths[j], f"{IDX_VERSION} {bounds[j + 1] - bounds[j]}\n".encode(),
+                          text[int(bounds[j]) - lo:int(bounds[j + 1]) - lo]) for j in range(k, stop)]
+        jobs[-1].add_done_callback(lambda _: room.release())  # FIFO: the chunk's files are written
+        return jobs
+
+    chunks, k = [], 0
+    while k < len(paths):  # runs of whole shards, about _CHUNK_ROWS lines each
+        stop = k + 1
+        while stop < len(paths) and bounds[stop + 1] - bounds[k] <= _CHUNK_ROWS:
+            stop += 1
+        chunks.append((k, stop))
+        k = stop
+    try:
+        with ThreadPoolExecutor(2) as fmt:
+            def held(c: tuple[int, int]) -> list[Future]:
+                room.acquire()
+                try:
+                    return chunk(*c)
+                except BaseException:
+                    room.release()
+                    raise
+            for jobs in list(fmt.map(held, chunks)):
+                for f in jobs:
+                    f.result()
+    finally:
+        io.shutdown(cancel_futures=True)
+
+
+def _check_layout(path: str) -> None:
+    """The shard's first .idx line shows KEY.jpg then KEY.cls, the .cls right after the jpg's
+    padded data: the layout `_write_indexes` computes offsets from."""
     with open(path, "rb") as f:
-        raw = f.read()
-    head = raw.find(b"\n") + 1
-    ends = np.flatnonzero(np.frombuffer(raw, np.uint8)[head:] == 10) + head + 1
-    if len(ends) != expect:
-        raise ValueError(f"{path} lists {len(ends)} samples but samples.parquet has {expect} in that shard")
-    offsets = np.concatenate([[head], ends]).astype(np.int64)
-    lines = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(raw))
-    text = concat_text(lines.take(pa.array(rows)))
-    first = bytes(text[:4096]).split(b"\n", 1)[0].split(b" ", 4)  # ext offset size KEY.ext ...
-    if len(first) < 4 or first[3].split(b".", 1)[0].decode() != first_key:
-        raise ValueError(f"{path} does not list its samples in samples.parquet order (expected {first_key!r})")
-    return text
+        head = f.read(8192).split(b"\n", 2)
+    fields = head[1].split() if len(head) > 2 else []
+    try:
+        ok = (fields[0] == b"jpg" and fields[4] == b"cls"
+              and int(fields[5]) == int(fields[1]) + (int(fields[2]) + 511) // 512 * 512 + 512)
+    except (IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: samples are not stored as KEY.jpg then KEY.cls tar members "
+                         "(a shard not written by `wvdata build`?); cannot index a view over it")
+
+
+def _write_synced(path: str, head: bytes, body: Any) -> None:
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_parquet(df: pl.DataFrame, path: str) -> None:
+    """entries.parquet, fsynced: zstd level 1 and no statistics (readers read whole columns)
+    take half the CPU of the defaults for about the same size."""
+    df.write_parquet(path, compression="zstd", compression_level=1, statistics=False)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _distinct(a: np.ndarray) -> int:
+    """Number of distinct integers: one pass when sorted or of a small range, else polars."""
+    if len(a) < 2:
+        return len(a)
+    d = np.diff(a)
+    if (d >= 0).all():
+        return 1 + int(np.count_nonzero(d))
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo < 1 << 24:
+        return int(np.count_nonzero(np.bincount(a - lo)))
+    return int(pl.Series(a).n_unique())
 
 
 def concat_text(arr: pa.Array) -> memoryview:
@@ -334,27 +464,6 @@ def concat_text(arr: pa.Array) -> memoryview:
         return memoryview(b"")
     offsets = np.frombuffer(arr.buffers()[1], np.int64, count=len(arr) + 1, offset=arr.offset * 8)
     return memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])]
-
-
-def _write_files(files: Sequence[tuple[str, bytes, Any]]) -> None:
-    """Write (path, head, body) files, then fsync them from a few threads (fsync releases the GIL;
-    one by one, thousands of small files take seconds)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    for path, head, body in files:
-        with open(path, "wb") as f:
-            f.write(head)
-            f.write(body)
-
-    def sync(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(sync, [p for p, _, _ in files]))
 
 
 def view(dataset: str | os.PathLike | Dataset, name: str, split: str = "train", **options: Any) -> View:
