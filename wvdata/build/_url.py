@@ -126,3 +126,41 @@ def read_url(url: str, contain: str | None, limit: int) -> bytes:
     if len(data) > limit:
         raise ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
     return data
+
+
+def read_urls(urls: list[str], contain: str | None, limit: int) -> list[bytes | ImageRejected]:
+    """`read_url` for many objects at once: the ranged GETs run concurrently in fsspec's event
+    loop (a chunk's images arrive in about one round trip instead of one each)."""
+    out: list[bytes | ImageRejected] = []
+    todo: list[tuple[int, str]] = []
+    for u in urls:
+        norm = normalized_inside(u, contain) if contain is not None else u
+        out.append(ImageRejected("path escapes source", f"{u} is not under {contain}") if norm is None else b"")
+        if norm is not None:
+            todo.append((len(out) - 1, norm))
+    if not todo:
+        return out
+    protocols = {u.split("://", 1)[0] for _, u in todo}
+    fs = url_fs(todo[0][1])[0] if len(protocols) == 1 else None
+    if fs is None or not hasattr(fs, "cat_ranges"):
+        for i, u in todo:
+            try:
+                out[i] = read_url(u, None, limit)
+            except ImageRejected as e:
+                out[i] = e
+        return out
+    try:
+        got = fs.cat_ranges([fs._strip_protocol(u) for _, u in todo], [0] * len(todo), [limit + 1] * len(todo),
+                            on_error="return")
+    except Exception as e:  # the whole batch failed (endpoint gone): each row says why
+        got = [e] * len(todo)
+    for (i, u), r in zip(todo, got):
+        if isinstance(r, FileNotFoundError):
+            out[i] = ImageRejected("missing file", u)
+        elif isinstance(r, BaseException):
+            out[i] = ImageRejected("unreadable file", describe_error(r))
+        elif len(r) > limit:
+            out[i] = ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
+        else:
+            out[i] = bytes(r)
+    return out

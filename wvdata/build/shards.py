@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .. import engine
 from .._store import Store
 from ..dataset import is_url
-from ._url import read_url
+from ._url import read_url, read_urls
 from .image import ImageOptions, ImageRejected, process_image
 from .layouts import InputRow
 from .options import SAMPLE_OVERHEAD, BuildOptions
@@ -139,14 +139,31 @@ def split_chunks(shard: int, task: ShardTask, size: int) -> list[ChunkTask]:
                       task.contain) for i in range(0, max(len(task.rows), 1), size)]
 
 
+PREFETCH = 32  # objects fetched concurrently from a store, at most
+
+
+def _prefetch(task: ChunkTask, start: int, limit: int) -> dict[int, bytes | ImageRejected]:
+    """The bytes of the next PREFETCH inputs that are URLs, fetched concurrently."""
+    rows = [(i, r.path) for i, r in enumerate(task.rows[start:start + PREFETCH], start) if is_url(r.path)]
+    if len(rows) < 2 or (task.contain is not None and not is_url(task.contain)):
+        return {}
+    return dict(zip([i for i, _ in rows], read_urls([p for _, p in rows], task.contain, limit)))
+
+
 def encode_chunk(task: ChunkTask) -> Chunk:
     """Read, check and normalise a chunk's images into a tar fragment (runs in a worker)."""
     frag = TarFragment()
     lines, samples, errors = [], [], []
     limit = max_input_bytes(task.image.max_pixels)
+    fetched: dict[int, bytes | ImageRejected] = {}
     for i, (row, class_name) in enumerate(zip(task.rows, task.class_names)):
+        if i % PREFETCH == 0:
+            fetched = _prefetch(task, i, limit)
         try:
-            img = process_image(read_input(row.path, task.contain, limit), task.image)
+            data = fetched.pop(i) if i in fetched else read_input(row.path, task.contain, limit)
+            if isinstance(data, ImageRejected):
+                raise data
+            img = process_image(data, task.image)
         except ImageRejected as e:
             errors.append({"split": task.split, "src_path": row.src_path, "reason": e.reason,
                            "detail": e.detail})
