@@ -158,7 +158,9 @@ def _run_ray(fn, tasks, weights, bar) -> Iterator[Any]:
     import ray
 
     ray_init()
-    remote = ray.remote(fn)
+    # a task whose worker died or that raised (a store hiccup) runs again: tasks write whole
+    # outputs to fixed names, so a retry replaces, never duplicates
+    remote = ray.remote(max_retries=3, retry_exceptions=True)(fn)
     refs = {remote.remote(t): w for t, w in zip(tasks, weights)}
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)
