@@ -1,10 +1,11 @@
 """Entry columns of a view read straight into shared memory, one parquet row group at a time.
 
-At 16M entries reading whole columns into Arrow, then narrowing and copying them into the
-loader's shared mapping, costs several seconds and GBs of transient memory. Here each row
-group is decoded on one thread and written once, into arrays sized beforehand from the parquet
-statistics (min/max pick the narrowest integer type), so the only copy is the one into shared
-memory. Views held in memory (a polars frame) take the plain Arrow path.
+At 16M entries reading whole columns into Arrow (on threads: more CPU than they save on a busy
+node), combining, casting and narrowing them, then copying them into the loader's shared
+mapping, costs several seconds and GBs of transient memory. Here each row group is decoded on
+one thread and written once into the shared mapping; keys go straight from each row group's
+string buffer into a shared byte buffer. Views held in memory (a polars frame) take the plain
+Arrow path.
 """
 from __future__ import annotations
 
@@ -48,24 +49,15 @@ def _source(v: View) -> tuple[str, bool] | None:
     return v.dataset.samples_path(v.split), True
 
 
-def _min_max(pf: pq.ParquetFile, column: str) -> tuple[int, int] | None:
-    """A column's (min, max) from the row group statistics, None where any is missing."""
-    md = pf.metadata
-    j = pf.schema_arrow.get_field_index(column)
-    lo = hi = None
-    for i in range(md.num_row_groups):
-        st = md.row_group(i).column(j).statistics
-        if st is None or not st.has_min_max or st.null_count:
-            return None
-        lo = st.min if lo is None else min(lo, st.min)
-        hi = st.max if hi is None else max(hi, st.max)
-    return (0, 0) if lo is None else (int(lo), int(hi))
+def _narrowed(a: np.ndarray) -> np.ndarray:
+    return a.astype(int_type(int(a.min()), int(a.max()))) if len(a) else a
 
 
 def read_numbers(v: View, columns: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """Integer entry columns (of ENTRY_COLUMNS + shard_id) of an on-disk view, narrowed, in one
-    shared mapping; None where the view is in memory or a column has no statistics (the caller
-    then takes the Arrow path)."""
+    """Integer entry columns (of ENTRY_COLUMNS + shard_id) of an on-disk view, each narrowed to
+    the smallest type that holds it, in one shared mapping; None for a view held in memory.
+    Row groups are decoded one at a time on one thread (threads cost more CPU than they save
+    here), then written once into the mapping."""
     src = _source(v)
     if src is None:
         return None
@@ -77,47 +69,43 @@ def read_numbers(v: View, columns: Sequence[str]) -> dict[str, np.ndarray] | Non
         read = [c for c in columns if not (split and c in ("sample", "shard_id"))]
         if split and "shard_id" in columns:
             read.append("shard")
-        spec = {}
-        for c in columns:
-            if split and c == "sample":
-                spec[c] = (n, int_type(0, max(n - 1, 0)))
-            elif split and c == "shard_id":
-                spec[c] = (n, int_type(0, max(len(shards) - 1, 0)))
-            else:
-                bounds = _min_max(pf, c)
-                if bounds is None:
-                    return None
-                if c == "shard_id" and n and (bounds[0] < 0 or bounds[1] >= len(shards)):
-                    raise ValueError(f"{path}: shard_id outside the {len(shards)} shards of its split")
-                spec[c] = (n, int_type(*bounds))
-        out = shared_empty(spec)
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
         names = pa.array(shards, pa.string())
-        at = 0
         for i in range(pf.metadata.num_row_groups):
             t = pf.read_row_group(i, columns=read, use_threads=False)
-            m = t.num_rows
             for c in read:
-                if c == "shard":
-                    continue
                 col = t.column(c)
                 if col.null_count:
                     raise ValueError(f"{path}: column {c} has nulls")
-                out[c][at:at + m] = col.to_numpy()
-            if split and "shard_id" in columns:
-                for chunk, lo in zip(t.column("shard").chunks, np.cumsum([0, *map(len, t.column("shard").chunks)])):
+                if c != "shard":  # narrowed now: the row group's Arrow memory is reused for the next
+                    parts[c].append(_narrowed(col.to_numpy()))
+                    continue
+                for chunk in col.chunks:  # shard names (a dictionary) -> their index in dataset.json
                     if not pa.types.is_dictionary(chunk.type):
                         chunk = chunk.dictionary_encode()
                     ids = pc.index_in(chunk.dictionary.cast(pa.string()), value_set=names)
-                    if ids.null_count or chunk.null_count:
+                    if ids.null_count:
                         raise ValueError(f"{path}: samples in shards that dataset.json does not list")
-                    got = np.asarray(ids.to_numpy(zero_copy_only=False))[chunk.indices.to_numpy()]
-                    out["shard_id"][at + lo:at + lo + len(chunk)] = got
-            at += m
+                    parts["shard_id"].append(ids.to_numpy(zero_copy_only=False)[chunk.indices.to_numpy()])
             del t
     if split and "sample" in columns:
-        out["sample"][:] = np.arange(n, dtype=out["sample"].dtype)
-    for a in out.values():
-        a.flags.writeable = False
+        parts["sample"] = [np.arange(n, dtype=np.int64)]
+    spec = {}
+    for c in columns:
+        lo = min((int(a.min()) for a in parts[c] if len(a)), default=0)
+        hi = max((int(a.max()) for a in parts[c] if len(a)), default=0)
+        if c == "shard_id" and (lo < 0 or hi >= len(shards)):
+            raise ValueError(f"{path}: shard_id outside the {len(shards)} shards of its split")
+        spec[c] = (n, int_type(lo, hi))
+    out = shared_empty(spec)
+    for c in columns:
+        at = 0
+        for a in parts[c]:
+            out[c][at:at + len(a)] = a
+            at += len(a)
+        parts[c] = []
+        out[c].flags.writeable = False
+    pa.default_memory_pool().release_unused()
     return out
 
 
