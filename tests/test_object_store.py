@@ -128,6 +128,7 @@ def test_killed_bucket_build_resumes_byte_identical(s3, bucket, reference, tmp_p
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # starts a Ray cluster: about a minute on 2 cores
 def test_ray_tasks_carry_no_local_paths_and_need_no_shared_disk(s3, bucket, reference, tmp_path):
     from wvdata.build import layouts
 
