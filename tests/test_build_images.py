@@ -176,3 +176,21 @@ def test_resize_of_a_large_jpeg_matches_a_full_decode(tmp_path):
     assert (row["width"], row["height"]) == (100, 100)
     want = np.asarray(Image.fromarray(big).resize((100, 100), Image.Resampling.BICUBIC))
     assert np.abs(decode(stored_image(tmp_path / "ds", row)) - want).mean() < 6
+
+
+@pytest.mark.parametrize("tiles", [1, 6])  # 6x6 chelseas: an image in several memory blocks (copied)
+def test_resize_without_copies_gives_the_same_pixels_and_jpeg(tiles):
+    torch = pytest.importorskip("torch")
+    from wvdata.build.image import resize_rgb
+
+    img = Image.fromarray(np.tile(photo("chelsea"), (tiles, tiles, 1)))
+    w, h = img.width * 2 // 5, img.height * 2 // 5
+    x = torch.from_numpy(np.array(img)).unsqueeze(0).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    want = want.permute(0, 2, 3, 1).contiguous().numpy()[0]
+    got = resize_rgb(img, w, h)
+    assert got.size == (w, h) and np.array_equal(np.asarray(got.convert("RGB")), want)
+    jpeg, ref = io.BytesIO(), io.BytesIO()
+    got.save(jpeg, format="JPEG", quality=90)
+    Image.fromarray(want).save(ref, format="JPEG", quality=90)
+    assert jpeg.getvalue() == ref.getvalue()
