@@ -176,6 +176,17 @@ def test_dedup_annotation_written_into_the_bucket(s3, bucket):
         df = pl.read_parquet(f)
     assert df.height == sum(open_dataset(url).samples(s).height for s in ("train", "val", "test"))
     assert not s3.exists("crawls/ds-pool/.wvdata.lock")
+    from wvdata.build.tar import parse_idx
+    from wvdata.views import load_view, view
+
+    v = view(url, "kept", drop_duplicates=True, per_class=3)  # a view written into the bucket
+    back = load_view(url, "kept")
+    assert back.entries["key"].to_list() == v.entries["key"].to_list() and len(back) > 0
+    listed = [(k, m[0].offset) for k, p in enumerate(back.index_paths()) for m in parse_idx(s3.cat_file(p).decode())]
+    want = list(zip(v.entries["shard_id"].to_list(), v.entries["data_offset"].to_list()))
+    assert sorted(listed) == sorted(want)  # each shard's .idx lists exactly the view's entries
+    view(url, "kept", per_class=1)  # replaced in place
+    assert len(load_view(url, "kept")) == open_dataset(url).num_classes
 
 
 def test_embed_features_written_into_the_bucket(s3, bucket, tmp_path):

@@ -9,6 +9,7 @@ its shard), numbers zero-padded to one width, formatted by numpy from the entry 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -306,9 +307,38 @@ def _in_shard_order(ent: pl.DataFrame) -> pl.DataFrame:
     return ent.sort(["shard_id", "data_offset"], maintain_order=True)
 
 
+def _view_meta(ent: pl.DataFrame, name: str, split: str, options: dict[str, Any] | None, shards: list[str],
+               bounds: np.ndarray) -> str:
+    meta = {"name": name, "split": split, "entries": ent.height, "unique": _distinct(ent["sample"].to_numpy()),
+            "classes": _distinct(ent["label"].to_numpy()), "options": options or {},
+            "shards": [{"name": s, "entries": int(bounds[k + 1] - bounds[k])} for k, s in enumerate(shards)]}
+    return json.dumps(meta, indent=2) + "\n"
+
+
+def _write_view_url(ds: Dataset, name: str, ent: pl.DataFrame, split: str, options: dict[str, Any] | None) -> View:
+    """A view in a bucket (no rename): its old view.json goes first (the view disappears), then
+    entries.parquet and every shard's .idx are PUT, then view.json last: a view is listed
+    complete or not at all."""
+    from ._store import Store
+
+    st, base = Store(ds.root), f"views/{name}"
+    st.remove(f"{base}/view.json")
+    shards = [s["name"] for s in ds.shards(split)]
+    bounds = np.searchsorted(ent["shard_id"].to_numpy(), np.arange(len(shards) + 1))
+    buf = io.BytesIO()
+    ent.write_parquet(buf, compression="zstd", compression_level=1, statistics=False)
+    st.write_atomic(f"{base}/entries.parquet", buf.getvalue())
+    _write_indexes([st.path(f"{base}/{s}.idx") for s in shards], [ds.shard_path(split, s, "idx") for s in shards],
+                   bounds, ds.shard_starts(split), ent)
+    st.write_atomic(f"{base}/view.json", _view_meta(ent, name, split, options, shards, bounds))
+    return View(ds, split, name, ent)
+
+
 def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, options: dict[str, Any] | None) -> View:
     """entries.parquet (in a thread) and the .idx files, each fsynced, under a hidden temporary
     name; then view.json; then one rename: a view appears complete or not at all."""
+    if is_url(ds.root):
+        return _write_view_url(ds, name, ent, split, options)
     out = os.path.join(ds.root, "views", name)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -321,10 +351,7 @@ def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, op
             _write_indexes([os.path.join(tmp, f"{s}.idx") for s in shards],
                            [ds.shard_path(split, s, "idx") for s in shards], bounds, ds.shard_starts(split), ent)
             table.result()
-        meta = {"name": name, "split": split, "entries": ent.height, "unique": _distinct(ent["sample"].to_numpy()),
-                "classes": _distinct(ent["label"].to_numpy()), "options": options or {},
-                "shards": [{"name": s, "entries": int(bounds[k + 1] - bounds[k])} for k, s in enumerate(shards)]}
-        write_atomic(os.path.join(tmp, "view.json"), json.dumps(meta, indent=2) + "\n")
+        write_atomic(os.path.join(tmp, "view.json"), _view_meta(ent, name, split, options, shards, bounds))
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
@@ -403,7 +430,7 @@ def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.nd
 def _check_layout(path: str) -> None:
     """The shard's first .idx line shows KEY.jpg then KEY.cls, the .cls right after the jpg's
     padded data: the layout `_write_indexes` computes offsets from."""
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         head = f.read(8192).split(b"\n", 2)
     fields = head[1].split() if len(head) > 2 else []
     try:
@@ -417,6 +444,12 @@ def _check_layout(path: str) -> None:
 
 
 def _write_synced(path: str, head: bytes, body: Any) -> None:
+    if is_url(path):  # one PUT: whole or nothing
+        from ._store import url_fs
+
+        fs, key = url_fs(path)
+        fs.pipe_file(key, bytes(head) + bytes(body))
+        return
     with open(path, "wb") as f:
         f.write(head)
         f.write(body)
