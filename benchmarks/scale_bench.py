@@ -8,8 +8,9 @@ labels are long-tailed over 5,000 classes, the shards' `.idx` are the real ones 
 renamed. Then each figure of issue 10, each in a fresh process, next to its target:
 
 - torch loader (2 workers, batch 64, 224 px, train transform): seconds from `loader()` to the
-  first batch; each worker's PSS and the main process's RSS after 4 batches.
-- DALI loader (CPU, 2 threads): seconds from `loader()` to the first batch.
+  first batch (and the main process's CPU seconds, which load skews less); each worker's PSS
+  and the main process's RSS after 4 batches.
+- DALI loader (CPU, 2 threads): seconds (and CPU seconds) from `loader()` to the first batch.
 - `select(per_class=100)` (all columns, and the entry columns only), and writing a view of every
   train entry (view.json + entries.parquet + one .idx per shard).
 
@@ -171,12 +172,18 @@ def measure(what: str, ds: str) -> dict:
         kw = dict(batch_size=64, image_size=224, num_workers=2, rank=0, world_size=1, seed=0)
         if what == "dali":
             kw["device"] = "cpu"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ld = loader(ds, backend=what, **kw)
+        built, built_cpu = time.perf_counter() - t0, time.process_time() - c0
         it = iter(ld)
         next(it)
         first = time.perf_counter() - t0
-        row = {"first_batch_s": first}
+        # CPU seconds of this process (all its threads, not the torch workers): what a busy machine
+        # skews much less than the wall time
+        row = {"first_batch_s": first, "first_batch_cpu_s": round(time.process_time() - c0, 2),
+               "loader_s": round(built, 2), "loader_cpu_s": round(built_cpu, 2)}
+        if what == "dali":
+            row["segments"] = len(ld.segments()) - 1
         if what == "torch":
             for _ in range(3):
                 next(it)

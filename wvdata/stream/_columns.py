@@ -148,6 +148,7 @@ def read_key_buffer(v: View) -> tuple[np.ndarray, np.ndarray] | None:
                 offsets[row + 1:row + m + 1] = off[1:] - off[0] + pos
                 row, pos = row + m, pos + size
             del col
+    pa.default_memory_pool().release_unused()
     data = np.frombuffer(mm, np.uint8, count=pos)
     off_type = np.int32 if pos < 2**31 else np.int64
     shared = shared_empty({"key_offsets": (n + 1, np.dtype(off_type))})["key_offsets"]

@@ -4,9 +4,9 @@ One DataLoader item is one whole batch of this rank's epoch plan: a worker reads
 entries from few shards and hands over a finished uint8 batch with the positions it holds; the
 main process attaches labels, keys and sample ids from those positions.
 
-Start-up (what the first batch waits for): the entry numbers (not the keys) are read while
-torchvision (RandAugment) is imported in a thread; the workers are forked, and the keys are
-read in the main process while the workers decode the first batches. Workers never touch keys.
+Start-up (what the first batch waits for): the entry numbers, the keys and torchvision (for
+RandAugment) are read / imported side by side (two threads, joined before the workers fork);
+the keys go to a shared mapping that workers never touch: the main process attaches them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..views import View
-from .base import EntryArrays, LoaderBase, ShardFiles, shared_arrays
+from .base import EntryArrays, LoaderBase, ShardFiles, _narrow, shared_arrays
 from .transforms import TransformConfig, eval_images, make_randaug, train_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -87,7 +87,7 @@ class TorchLoader(LoaderBase):
     """The torch backend: byte-range reads + PIL decode in DataLoader worker processes."""
 
     backend = "torch"
-    key_read = "later"  # read in the main process once the workers are forked (see __iter__)
+    key_read = "thread"  # read beside the entry numbers and the torchvision import, joined before the fork
 
     def __init__(self, v: View, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2,
                  **common: Any):
@@ -103,10 +103,12 @@ class TorchLoader(LoaderBase):
         self._begin()
         epoch, start = self.epoch, self._batch
         # the epoch plan in shared memory too: workers read only their batches' pages of it
-        plan = shared_arrays({"plan": self.positions(epoch)})["plan"]
+        plan = shared_arrays({"plan": _narrow(self.positions(epoch))})["plan"]
         data = _Batches(self.entries, plan, self.batch_size, self.cfg, self.seed, epoch, self.rank)
+        e = self.entries
+        keys = e.keys  # (joins the key read): no other thread of ours is alive when the workers fork
         if self.num_workers > 0:
-            if self._warm is not None:  # no other thread of ours is alive when the workers fork
+            if self._warm is not None:
                 self._warm.join()
                 self._warm = None
             make_randaug(self.cfg)  # imports torchvision here, once, not in every forked worker
@@ -122,8 +124,6 @@ class TorchLoader(LoaderBase):
                 gc.unfreeze()
         else:
             it = (data[i] for i in range(start, len(data)))
-        e = self.entries
-        keys = e.keys  # the first epoch reads them here, while the workers decode the first batches
         for images, pos, bad in it:
             self._note_bad([(shard, keys[p], why) for shard, p, why in bad])
             self._batch += 1
