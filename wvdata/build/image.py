@@ -185,9 +185,10 @@ def _rgbx_view(img: Image.Image) -> np.ndarray | None:
         values = pa.array(img).values
     except Exception:  # noqa: BLE001 - any refusal means: copy instead
         return None
-    if values.null_count or len(values) != img.width * img.height * 4:
+    n = img.width * img.height * 4
+    if values.null_count or len(values) != n or values.type != pa.uint8():
         return None
-    return np.asarray(values).reshape(img.height, img.width, 4)
+    return np.frombuffer(values.buffers()[1], np.uint8, count=n, offset=values.offset).reshape(img.height, img.width, 4)
 
 
 def process_image(data: bytes, opts: ImageOptions) -> StoredImage:
