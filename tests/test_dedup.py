@@ -250,7 +250,7 @@ def test_ray_engine_matches_local(dataset):
     assert a.stats["checks"] == b.stats["checks"] > 0
 
 
-@pytest.mark.parametrize("radius", [3, 8, 10, 12])
+@pytest.mark.parametrize("radius", [2, 3, 5, 8, 10, 12])
 def test_mih_search_is_exact_against_brute_force(radius, monkeypatch):
     from wvdata.dedup import _mih
     from wvdata.dedup.search import brute_force_pairs, range_pairs
@@ -270,3 +270,44 @@ def test_mih_search_is_exact_against_brute_force(radius, monkeypatch):
     assert got == want
     assert all((k, 100 + k, k) in got for k in range(radius + 1))
     assert not any((k, 100 + k, k) in got for k in range(radius + 1, radius + 3))
+
+
+def test_mih_search_is_exact_in_a_dense_region(monkeypatch):
+    """A crawl's popular image: thousands of codes within a few bits of one centre fill a few
+    buckets far beyond the kernel's gather buffer and every chunk's one-pass output."""
+    from wvdata.dedup import _mih
+    from wvdata.dedup.search import brute_force_pairs, range_pairs
+
+    rng = np.random.default_rng(7)
+    codes = rng.integers(0, 256, size=(8000, 8), dtype=np.uint8)
+    centre = np.unpackbits(codes[0])
+    for r in range(1, 6000):
+        bits = centre.copy()
+        bits[rng.choice(64, rng.integers(0, 7), replace=False)] ^= 1
+        codes[r] = np.packbits(bits)
+    queries = np.concatenate([codes[::40], codes[:20]])
+    bq, bi, bd = brute_force_pairs(codes, queries, 10)
+    want = np.sort(bq * len(codes) + bi)
+    assert len(want) > 100_000
+    for cap in (4096, 1):  # the one-pass buffers overflow: those chunks are searched again
+        monkeypatch.setattr(_mih, "_CAP", cap)
+        q, i, d = range_pairs(codes, queries, 10, "mih")
+        got = np.sort(q * len(codes) + i)  # each pair once (reported by one table only)
+        assert np.array_equal(got, want)
+        assert np.array_equal(d[np.argsort(q * len(codes) + i)], bd[np.argsort(bq * len(codes) + bi)])
+
+
+@pytest.mark.parametrize("nhash", [2, 3, 4, 5])
+def test_mih_table_flips_cover_every_pair_within_the_radius(nhash):
+    """The refined pigeonhole: every split of a distance <= radius over the substrings has a
+    table whose substring distance is within that table's probed flips."""
+    import itertools
+
+    from wvdata.dedup._mih import table_flips
+
+    for radius in range(0, 13):
+        flips = table_flips(nhash, radius)
+        for d in itertools.product(range(radius + 1), repeat=nhash):
+            if sum(d) <= radius:
+                assert any(x <= f for x, f in zip(d, flips)), (radius, d, flips)
+        assert sum(f < radius // nhash for f in flips) == nhash - 1 - radius % nhash

@@ -111,20 +111,23 @@ def link_pairs(pi, pj, pd, st, vsig, chroma, colorful, rank, parent, size, done,
 
 
 @njit(inline="always")
-def first_table(x, t, b, nflip):
+def earlier_table(x, t, b, f, rm):
+    """True when a table before t already qualifies the pair x = a ^ b: table u qualifies when
+    its substring distance is <= f (u <= rm) or <= f - 1 (u > rm); see `_mih`."""
     keymask = np.uint64((1 << b) - 1)
     for u in range(t):
-        if pop((x >> np.uint64(u * b)) & keymask) <= nflip:
-            return False
-    return True
+        if pop((x >> np.uint64(u * b)) & keymask) <= (f if u <= rm else f - 1):
+            return True
+    return False
 
 
 @njit(cache=True)
-def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_off, masks, b,
-            nflip, radius, st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j,
-            edges, stats):
+def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_off, masks,
+            masks_lo, b, f, rm, radius, st, vsig, chroma, colorful, rank, parent, size, done,
+            near_d, near_j, edges, stats):
     """Dense images in `order`: each one not yet joined queries both indexes and joins its
-    verified candidates (see the module docstring)."""
+    verified candidates (see the module docstring). Tables t <= rm are probed with `masks`
+    (up to f flips), the others with `masks_lo` (up to f - 1), as in `_mih`."""
     keymask = np.uint64((1 << b) - 1)
     nhash = vt_off.shape[0]
     nv = views.shape[1]
@@ -136,12 +139,12 @@ def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_
         q = whole[i]
         for t in range(nhash):  # whole(i) against every view of every image
             key = (q >> np.uint64(t * b)) & keymask
-            for m in masks:
+            for m in (masks if t <= rm else masks_lo):
                 kk = np.int64(key ^ m)
                 for s in range(vt_off[t, kk], vt_off[t, kk + 1]):
                     x = q ^ vt_codes[t, s]
                     d = pop(x)
-                    if d > radius or not first_table(x, t, b, nflip):
+                    if d > radius or earlier_table(x, t, b, f, rm):
                         continue
                     j = vt_ids[t, s] // nv
                     if j != i:
@@ -151,12 +154,12 @@ def leaders(order, whole, views, vt_codes, vt_ids, vt_off, wt_codes, wt_ids, wt_
             q = views[i, v]
             for t in range(nhash):
                 key = (q >> np.uint64(t * b)) & keymask
-                for m in masks:
+                for m in (masks if t <= rm else masks_lo):
                     kk = np.int64(key ^ m)
                     for s in range(wt_off[t, kk], wt_off[t, kk + 1]):
                         x = q ^ wt_codes[t, s]
                         d = pop(x)
-                        if d > radius or not first_table(x, t, b, nflip):
+                        if d > radius or earlier_table(x, t, b, f, rm):
                             continue
                         j = wt_ids[t, s]
                         if j != i:
@@ -189,73 +192,91 @@ def _sig_distances(vsig, a, b):
     return out
 
 
-@njit(parallel=True, cache=True)
-def mih_search(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
-           starts, out_q, out_i, out_d, fill):
-    """Table t: every query group (same substring key k) against buckets k ^ mask."""
-    ngroups = q_off.shape[0] - 1
-    for k in prange(ngroups):
-        q0, q1 = q_off[k], q_off[k + 1]
-        if q0 == q1:
-            continue
-        found = 0
-        pos = starts[k]
-        for m in masks:
-            kk = np.int64(np.uint64(k) ^ m)
-            for s in range(b_off[kk], b_off[kk + 1]):
-                c = b_sorted[s]
-                for r in range(q0, q1):
-                    x = q_sorted[r] ^ c
-                    d = pop(x)
-                    if d > radius:
-                        continue
-                    if first_table(x, t, b, nflip):  # else an earlier table reports this pair
-                        if fill:
-                            out_q[pos + found] = q_ids[r]
-                            out_i[pos + found] = b_ids[s]
-                            out_d[pos + found] = d
-                        found += 1
-        if not fill:
-            starts[k] = found
+@njit(cache=True)
+def _sort_table(codes, shift, b, out, ids, off):
+    keymask = np.uint64((1 << b) - 1)
+    off[:] = 0
+    for x in codes:
+        off[np.int64((x >> np.uint64(shift)) & keymask) + 1] += 1
+    for k in range(off.shape[0] - 1):
+        off[k + 1] += off[k]
+    pos = off[:-1].copy()
+    for r in range(codes.shape[0]):
+        k = np.int64((codes[r] >> np.uint64(shift)) & keymask)
+        out[pos[k]] = codes[r]
+        ids[pos[k]] = r
+        pos[k] += 1
 
 
 @njit(parallel=True, cache=True)
-def mih_search_once(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, nflip, radius,
-                counts, out_q, out_i, out_d, cap):
-    """One pass of `search`: query groups in counts.shape[0] chunks, chunk c writing up to
-    cap pairs at [c * cap, ...) and its full count to counts[c] (more than cap: redo)."""
+def sort_tables(codes, tables, b):
+    """For each t in `tables`: the codes sorted by their b-bit substring t (a counting sort),
+    their rows and the bucket offsets, as (len(tables), n), (len(tables), n), (len(tables), 2^b+1)."""
+    nt, n = tables.shape[0], codes.shape[0]
+    out = np.empty((nt, n), np.uint64)
+    ids = np.empty((nt, n), np.int64)
+    off = np.empty((nt, (1 << b) + 1), np.int64)
+    for i in prange(nt):  # one table per thread
+        _sort_table(codes, tables[i] * b, b, out[i], ids[i], off[i])
+    return out, ids, off
+
+
+@njit(parallel=True, cache=True)
+def mih_join(t, q_sorted, q_ids, q_off, b_sorted, b_ids, b_off, masks, b, f, rm, radius,
+             chunks, per, starts, caps, counts, out_q, out_i, out_d):
+    """Table t of the multi-index search: the queries of each chunk of substring groups (one key
+    k each) against the base codes of the buckets k ^ mask, gathered into one contiguous run
+    per group so that the distance loop over it vectorises. Chunk chunks[c] writes up to
+    caps[c] pairs from starts[c] and its full count to counts[c] (more than caps[c]: redo it)."""
     ngroups = q_off.shape[0] - 1
-    nch = counts.shape[0]
-    per = (ngroups + nch - 1) // nch
-    for c in prange(nch):
+    for c in prange(chunks.shape[0]):
+        ch = chunks[c]
         found = 0
-        at = c * cap
-        for k in range(c * per, min(ngroups, (c + 1) * per)):
+        at, cap = starts[c], caps[c]
+        buf = np.empty(4096, np.uint64)
+        bid = np.empty(4096, np.int64)
+        for k in range(ch * per, min(ngroups, (ch + 1) * per)):
             q0, q1 = q_off[k], q_off[k + 1]
             if q0 == q1:
                 continue
+            nb = 0
+            for m in masks:
+                kk = np.int64(np.uint64(k) ^ m)
+                nb += b_off[kk + 1] - b_off[kk]
+            if nb > buf.shape[0]:
+                buf = np.empty(2 * nb, np.uint64)
+                bid = np.empty(2 * nb, np.int64)
+            nb = 0
             for m in masks:
                 kk = np.int64(np.uint64(k) ^ m)
                 for s in range(b_off[kk], b_off[kk + 1]):
-                    c0 = b_sorted[s]
-                    for r in range(q0, q1):
-                        x = q_sorted[r] ^ c0
-                        d = pop(x)
-                        if d > radius:
-                            continue
-                        if first_table(x, t, b, nflip):
-                            if found < cap:
-                                out_q[at + found] = q_ids[r]
-                                out_i[at + found] = b_ids[s]
-                                out_d[at + found] = d
-                            found += 1
+                    buf[nb] = b_sorted[s]
+                    bid[nb] = b_ids[s]
+                    nb += 1
+            for r in range(q0, q1):
+                qc = q_sorted[r]
+                hit = 0
+                for s in range(nb):  # vectorised: almost every query has no hit at all
+                    hit += pop(buf[s] ^ qc) <= radius
+                if hit == 0:
+                    continue
+                for s in range(nb):
+                    x = buf[s] ^ qc
+                    d = pop(x)
+                    if d > radius or earlier_table(x, t, b, f, rm):
+                        continue
+                    if found < cap:
+                        out_q[at + found] = q_ids[r]
+                        out_i[at + found] = bid[s]
+                        out_d[at + found] = d
+                    found += 1
         counts[c] = found
 
 
 def kernels() -> dict:
     """The compiled kernels (compiled on first use, cached on disk by numba)."""
     return {"pop": pop, "link_pairs": link_pairs, "leaders": leaders, "bucket_sort": _bucket_sort,
-            "sig_distances": _sig_distances, "mih_search": mih_search, "mih_search_once": mih_search_once}
+            "sig_distances": _sig_distances, "mih_join": mih_join, "sort_tables": sort_tables}
 
 
 def sig_distances(vsig: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ passes radius + 1 and returns pairs with distance <= radius.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from math import comb
 
@@ -139,7 +140,8 @@ class Links:
     are the near-duplicate clusters. near_j, near_d: each image's closest candidate seen (-1 /
     -1 when none) by search-hash distance, ties to the smaller rank. stats: candidates (pairs
     seen, repeats included), checks (signature checks), colour_rejected, representatives (dense
-    images that queried in the collapse pass), queries (images in the batched search).
+    images that queried in the collapse pass), queries (images in the batched search), phases
+    (name -> (wall, CPU seconds of all threads): collapse, search, join).
     """
 
     edges: np.ndarray
@@ -154,19 +156,22 @@ def _u64(packed: np.ndarray) -> np.ndarray:
     return packed.view("<u8").reshape(*packed.shape[:-1], packed.shape[-1] // 8)
 
 
-def _tables(codes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Multi-index tables of 64-bit codes: (tables, n) sorted codes and ids, (tables, 2^b+1) offsets."""
-    from ._link import bucket_sort
+def _tables(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-index tables of 64-bit codes: (tables, n) sorted codes and rows, (tables, 2^b+1) offsets."""
+    from ._link import kernels
 
-    n, nb = len(codes), 1 << _DENSE_B
-    tc = np.empty((_DENSE_TABLES, n), np.uint64)
-    ti = np.empty((_DENSE_TABLES, n), np.int64)
-    to = np.empty((_DENSE_TABLES, nb + 1), np.int64)
-    for t in range(_DENSE_TABLES):
-        keys = ((codes >> np.uint64(t * _DENSE_B)) & np.uint64(nb - 1)).astype(np.int64)
-        order, to[t] = bucket_sort(keys, nb)
-        tc[t], ti[t] = codes[order], ids[order]
-    return tc, ti, to
+    return kernels()["sort_tables"](codes, np.arange(_DENSE_TABLES, dtype=np.int64), _DENSE_B)
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _lap(phases: dict, name: str, since: tuple[float, float]) -> tuple[float, float]:
+    """Record wall and CPU seconds (all threads) since `since` under phases[name]."""
+    now = _clock()
+    phases[name] = (now[0] - since[0], now[1] - since[1])
+    return now
 
 
 def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verify: bool = True,
@@ -188,13 +193,17 @@ def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verif
     from ._link import kernels
 
     k = kernels()
+    phases: dict[str, tuple[float, float]] = {}
+    clock = _clock()
     n_all, v, nbytes = h.bits.shape
     rows = np.nonzero(h.ok & (h.std >= flat_std))[0]
     n = len(rows)
+    every = n == n_all  # no copy of the (1 KB an image) signatures when every row takes part
     rank = np.arange(n, dtype=np.int64) if rank is None else np.asarray(rank, np.int64)[rows]
-    vsig = _u64(h.vsig[rows])
+    vsig = _u64(h.vsig if every else h.vsig[rows])
     chroma = np.ascontiguousarray(h.chroma[rows], np.float64)
     colorful = np.ascontiguousarray(h.colorful[rows])
+    bits = h.bits if every else h.bits[rows]
     parent, size = np.arange(n, dtype=np.int64), np.ones(n, np.int64)
     done = np.zeros(n, bool)
     near_j, near_d = np.full(n, -1, np.int64), np.full(n, 1 << 30, np.int64)
@@ -203,9 +212,9 @@ def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verif
     st = np.array([verify_radius, chroma_tol, 1.0 if verify else 0.0])
     common = (st, vsig, chroma, colorful, rank, parent, size, done, near_d, near_j, edges, stats)
     if nbytes == 8 and dense_min is not None and n:
-        views = _u64(h.bits[rows])[..., 0]
+        views = _u64(bits)[..., 0]
         whole = np.ascontiguousarray(views[:, 0])
-        wt = _tables(whole, np.arange(n, dtype=np.int64))
+        wt = _tables(whole)
         counts = np.diff(wt[2], axis=1)
         keys = (whole[None, :] >> (np.arange(_DENSE_TABLES, dtype=np.uint64)[:, None] * np.uint64(_DENSE_B))
                 ) & np.uint64((1 << _DENSE_B) - 1)
@@ -214,19 +223,24 @@ def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verif
         dense = np.nonzero(per.max(axis=0) >= thresh)[0]
         if len(dense):
             order = dense[np.lexsort((rank[dense], -per[:, dense].sum(axis=0)))]
-            vt = _tables(views.ravel(), np.arange(n * v, dtype=np.int64))
-            nflip = radius // _DENSE_TABLES
-            masks = _mih._flip_masks(_DENSE_B, nflip)
-            k["leaders"](order, whole, views, *vt, *wt, masks, _DENSE_B, nflip, radius, *common)
+            vt = _tables(views.ravel())
+            f, rm = divmod(radius, _DENSE_TABLES)
+            masks, masks_lo = _mih._flip_masks(_DENSE_B, f), _mih._flip_masks(_DENSE_B, f - 1)
+            k["leaders"](order, whole, views, *vt, *wt, masks, masks_lo, _DENSE_B, f, rm, radius, *common)
             del vt
+        del wt, counts, keys, per
+    clock = _lap(phases, "collapse", clock)
     queries = np.nonzero(~done)[0]
     stats[5] = len(queries)
     if len(queries):  # every view of each such image against every whole-image hash
-        qv = h.bits[rows[queries]].reshape(len(queries) * v, nbytes)
-        q, j, d = range_pairs(h.bits[rows, 0], qv, radius, method)
+        qv = (bits if every and len(queries) == n else bits[queries]).reshape(len(queries) * v, nbytes)
+        q, j, d = range_pairs(bits[:, 0], qv, radius, method)
+        del qv
+        clock = _lap(phases, "search", clock)
         i = queries[q // v]
-        order = np.lexsort((j, i))
+        order = np.argsort(i * n + j, kind="stable")  # by (i, j): the join order does not depend on the search's
         k["link_pairs"](i[order], j[order], d[order].astype(np.int64), *common)
+        clock = _lap(phases, "join", clock)
     e = edges[:stats[3]]
     nj = np.full(n_all, -1, np.int64)
     nd = np.full(n_all, -1, np.int64)
@@ -234,4 +248,4 @@ def link(h: Hashes, radius: int, method: str = "auto", *, flat_std: float, verif
     nj[rows[seen]], nd[rows[seen]] = rows[near_j[seen]], near_d[seen]
     return Links(rows[e], nj, nd, {"candidates": int(stats[0]), "checks": int(stats[1]),
                                    "colour_rejected": int(stats[2]), "representatives": int(stats[4]),
-                                   "queries": int(stats[5])})
+                                   "queries": int(stats[5]), "phases": phases})
