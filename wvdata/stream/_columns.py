@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..dataset import join, open_file
@@ -49,6 +48,19 @@ def _source(v: View) -> tuple[str, bool] | None:
     return v.dataset.samples_path(v.split), True
 
 
+def as_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An integer Arrow array without nulls as numpy (a view of one chunk): pyarrow's own
+    `to_numpy` imports pandas on first use, 2-3 s of a loader's start."""
+    if isinstance(arr, pa.ChunkedArray):
+        chunks = [as_numpy(c) for c in arr.chunks]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+    t = arr.type
+    if not pa.types.is_integer(t) or arr.null_count:
+        return arr.to_numpy(zero_copy_only=False)
+    dt = np.dtype(f"{'i' if pa.types.is_signed_integer(t) else 'u'}{t.bit_width // 8}")
+    return np.frombuffer(arr.buffers()[1], dt, count=len(arr), offset=arr.offset * dt.itemsize)
+
+
 def _narrowed(a: np.ndarray) -> np.ndarray:
     return a.astype(int_type(int(a.min()), int(a.max()))) if len(a) else a
 
@@ -70,7 +82,7 @@ def read_numbers(v: View, columns: Sequence[str]) -> dict[str, np.ndarray] | Non
         if split and "shard_id" in columns:
             read.append("shard")
         parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-        names = pa.array(shards, pa.string())
+        index = {name: i for i, name in enumerate(shards)}
         for i in range(pf.metadata.num_row_groups):
             t = pf.read_row_group(i, columns=read, use_threads=False)
             for c in read:
@@ -78,15 +90,16 @@ def read_numbers(v: View, columns: Sequence[str]) -> dict[str, np.ndarray] | Non
                 if col.null_count:
                     raise ValueError(f"{path}: column {c} has nulls")
                 if c != "shard":  # narrowed now: the row group's Arrow memory is reused for the next
-                    parts[c].append(_narrowed(col.to_numpy()))
+                    parts[c].append(_narrowed(as_numpy(col)))
                     continue
                 for chunk in col.chunks:  # shard names (a dictionary) -> their index in dataset.json
                     if not pa.types.is_dictionary(chunk.type):
                         chunk = chunk.dictionary_encode()
-                    ids = pc.index_in(chunk.dictionary.cast(pa.string()), value_set=names)
-                    if ids.null_count:
+                    # (a dict over the few names: pyarrow's index_in imports pandas, 2-3 s)
+                    ids = np.array([index.get(s, -1) for s in chunk.dictionary.to_pylist()], np.int64)
+                    if (ids < 0).any() or chunk.null_count:
                         raise ValueError(f"{path}: samples in shards that dataset.json does not list")
-                    parts["shard_id"].append(ids.to_numpy(zero_copy_only=False)[chunk.indices.to_numpy()])
+                    parts["shard_id"].append(ids[as_numpy(chunk.indices)])
             del t
     if split and "sample" in columns:
         parts["sample"] = [np.arange(n, dtype=np.int64)]

@@ -24,7 +24,7 @@ import torch
 
 from ..dataset import is_url, open_file
 from ..views import View, annotation, concat_text
-from ._columns import read_key_buffer, read_numbers
+from ._columns import as_numpy, read_key_buffer, read_numbers
 from .order import (
     epoch_order,
     num_batches,
@@ -177,7 +177,7 @@ class EntryArrays:
         a = read_numbers(v, cls.NUMBERS)  # straight into shared memory where the view is on disk
         if a is None:
             t = v.table(list(cls.NUMBERS))
-            a = shared_arrays({name: _narrow(t.column(name).to_numpy()) for name in cls.NUMBERS})
+            a = shared_arrays({name: _narrow(as_numpy(t.column(name))) for name in cls.NUMBERS})
             del t
         if verify:  # the digests recorded at build time, gathered by sample id
             with open_file(v.dataset.samples_path(v.split)) as f:
