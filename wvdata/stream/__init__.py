@@ -12,7 +12,13 @@ or N x K x 3 x H x W for K eval crops; labels int64; keys a list of str. Normali
 device with `normalize()`, which is 4x less host memory traffic than float batches.
 
 Modules: `base` (entry arrays, shard reader, epoch plan and state shared by both backends),
-`torch_backend`, `dali_backend`, `order` (the epoch order, torch-free) and `transforms`.
+`_columns` (entry columns read row group by row group into shared memory), `torch_backend`,
+`dali_backend` (an epoch in growing segments, one DALI pipeline each), `order` (the epoch
+order, torch-free) and `transforms`.
+
+Start-up at 16M entries: only the integer entry columns are decoded before anything else; the
+keys (the biggest column) load in a thread meanwhile (torch: joined before the workers fork,
+which never touch them; DALI: while the first segment's pipeline is built).
 """
 from __future__ import annotations
 
