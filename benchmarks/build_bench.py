@@ -153,6 +153,91 @@ def warm_peers(sample: str) -> None:
         pass
 
 
+# ---------------------------------------------------------------- per-image CPU breakdown
+
+
+def _cpu_ms(fn: Callable[[bytes], object], datas: list[bytes]) -> float:
+    """CPU milliseconds per image of fn over every input (after one warm-up call)."""
+    fn(datas[0])
+    c0 = time.process_time()
+    for d in datas:
+        fn(d)
+    return (time.process_time() - c0) / len(datas) * 1000
+
+
+def _startup_cpu(code: str) -> float:
+    """CPU seconds a fresh interpreter spends on `code` (an import), interpreter start excluded."""
+    run = subprocess.run([sys.executable, "-c", "import time; c = time.process_time(); " + code
+                          + "; print(time.process_time() - c)"], capture_output=True, text=True)
+    return float(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else float("nan")
+
+
+def breakdown(paths: list[str], n: int) -> list[str]:
+    """Single-process CPU ms per image of each stage, wvdata's path beside (a)'s and (b)'s, and
+    the start-up CPU of the CLI: what bounds the whole-CLI ratio before any pool or tar."""
+    import hashlib
+
+    from PIL import Image
+
+    from wvdata.build.image import ImageOptions, load_torch, process_image, resize_rgb, target_size
+
+    load_torch()
+    opts = ImageOptions(resize_short=SHORT, quality=QUALITY)
+    datas = [Path(p).read_bytes() for p in paths[:n]]
+
+    def draft(d: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(d))
+        img.draft("RGB", target_size(*img.size, opts))
+        img.load()
+        return img.convert("RGB")
+
+    drafted = {id(d): draft(d) for d in datas}
+    small = {id(d): resize_rgb(im, *target_size(*im.size, opts)) for d, im in zip(datas, drafted.values())}
+    full = {id(d): Image.open(io.BytesIO(d)).convert("RGB") for d in datas}
+    encoded = {id(d): process_image(d, opts).data for d in datas}
+
+    def save(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=QUALITY)
+        return buf.getvalue()
+
+    def pil_small(im: Image.Image) -> Image.Image:
+        s = SHORT / min(im.size)
+        return im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC) if s < 1 else im
+
+    rows = [("wvdata: decode (DCT-scaled draft)", _cpu_ms(draft, datas)),
+            ("wvdata: resize (torch bicubic AA)",
+             _cpu_ms(lambda d: resize_rgb(drafted[id(d)], *target_size(*drafted[id(d)].size, opts)), datas)),
+            ("wvdata: encode q90", _cpu_ms(lambda d: save(small[id(d)]), datas)),
+            ("wvdata: sha1", _cpu_ms(lambda d: hashlib.sha1(encoded[id(d)]).digest(), datas)),
+            ("wvdata: process_image (all of it)", _cpu_ms(lambda d: process_image(d, opts), datas)),
+            ("(a) decode + convert", _cpu_ms(lambda d: Image.open(io.BytesIO(d)).convert("RGB"), datas)),
+            ("(a) resize (PIL bicubic)", _cpu_ms(lambda d: pil_small(full[id(d)]), datas)),
+            ("(a) all of it", _cpu_ms(lambda d: save(pil_small(Image.open(io.BytesIO(d)).convert("RGB"))), datas))]
+    try:
+        import cv2
+        import numpy as np
+
+        cv2.setNumThreads(1)
+        rows.append(("(b) decode (OpenCV)", _cpu_ms(lambda d: cv2.imdecode(np.frombuffer(d, np.uint8),
+                                                                           cv2.IMREAD_COLOR), datas)))
+        rows.append(("(b) Resizer, all of it", _cpu_ms(lambda d: _RESIZER(io.BytesIO(d)), datas)))
+    except (ImportError, TypeError):
+        pass
+    lines = [f"per-image CPU, one process, first {len(datas)} images (ms per image):"]
+    lines += [f"  {name:38} {ms:6.2f}" for name, ms in rows]
+    wv = dict(rows)
+    floor = wv["wvdata: decode (DCT-scaled draft)"] + wv["wvdata: resize (torch bicubic AA)"] + \
+        wv["wvdata: encode q90"]
+    best = min(v for k, v in rows if k in ("(a) all of it", "(b) Resizer, all of it"))
+    imports = _startup_cpu("import wvdata.cli, wvdata.build")
+    torch_s = _startup_cpu("import torch")
+    lines.append(f"  start-up CPU s: import wvdata.cli + wvdata.build {imports:.2f}, import torch {torch_s:.2f}")
+    lines.append(f"  ceiling: the faster baseline's per-image CPU / wvdata's decode + resize + encode = "
+                 f"{best:.2f} / {floor:.2f} = {best / floor:.2f}x, before start-up, pool and tar")
+    return lines
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -211,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int)
     ap.add_argument("--timeout", type=float, default=600.0, help="kill a wvdata build hung this long")
+    ap.add_argument("--breakdown", type=int, default=300, metavar="N",
+                    help="also time each stage per image on the first N images, one process (0: skip)")
     ap.add_argument("--out", help="also write the printed report to this file (default at full scale: "
                                   "benchmarks/results/build-cpu.txt)")
     args = parse_scaled(ap, argv, SIZES)
@@ -260,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{out_mb(outs[i]):7.1f}  {rate[0] / rate[i]:8.2f}x {cpu_rate[0] / cpu_rate[i]:5.2f}x")
         else:
             say(f"{name:38} no figure (not installed or failed)")
+    if args.breakdown:
+        for line in breakdown([p for p, _ in paths], args.breakdown):
+            say(line)
     fast = max((1, 2), key=lambda i: rate[i])
     headline = rate[0] / rate[fast] if rate[fast] else float("nan")
     say(f"headline: the whole wvdata CLI is {headline:.2f}x the faster baseline ({sides[fast][0]}) in wall time, "
