@@ -118,6 +118,14 @@ class View:
             return [self.dataset.shard_path(self.split, s, "idx") for s in self.shards]
         return [join(self.dataset.root, "views", self.name, f"{s}.idx") for s in self.shards]
 
+    def dali_files(self) -> tuple[list[str], list[str]]:
+        """(tar paths, .idx paths) of the shards holding at least one entry: what to give DALI's
+        `fn.readers.webdataset(paths=, index_paths=, ext=["jpg", "cls"])` (it refuses an empty index)."""
+        counts = np.bincount(self.table(["shard_id"]).column("shard_id").to_numpy(), minlength=len(self.shards))
+        used = np.flatnonzero(counts)
+        idx = self.index_paths()
+        return ([self.dataset.shard_path(self.split, self.shards[k], "tar") for k in used], [idx[k] for k in used])
+
 
 def _check_shard_ids(ids: pa.ChunkedArray, n_shards: int, path: str) -> None:
     lo, hi = pc.min(ids).as_py(), pc.max(ids).as_py()
