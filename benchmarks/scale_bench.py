@@ -182,7 +182,7 @@ def measure(what: str, ds: str) -> dict:
         # skews much less than the wall time
         row = {"first_batch_s": first, "first_batch_cpu_s": round(time.process_time() - c0, 2),
                "loader_s": round(built, 2), "loader_cpu_s": round(built_cpu, 2)}
-        if what == "dali":
+        if what == "dali" and hasattr(ld, "segments"):  # (code before the segmented epochs has none)
             row["segments"] = len(ld.segments()) - 1
         if what == "torch":
             for _ in range(3):
