@@ -18,10 +18,11 @@ METHODS = ("flat", "multihash", "mih")
 _PROBE_COST = 16.0  # a bucket probe costs about as much as this many candidate distances
 # Seconds per unit of each method's cost model, fitted on the 2-core reference machine at 1M
 # 64-bit codes, radius 10 (benchmarks/results/dedup-cpu.txt: flat 743 s, FAISS multihash
-# 4,954 s, mih 23.5 s for 1M queries). Only their ratios matter for choosing.
+# 4,954 s for 1M queries on a quiet machine; mih 105x faster than flat and 520x faster than
+# multihash in one run under load, i.e. ~8 s). Only their ratios matter for choosing.
 _FLAT_S_PER_DISTANCE = 7.4e-10
 _MULTIHASH_S_PER_UNIT = 2.9e-7
-_MIH_S_PER_UNIT = 2.5e-9
+_MIH_S_PER_UNIT = 1.1e-9
 _MIH_START_S = 1.0  # loading the compiled kernels
 
 
