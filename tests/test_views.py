@@ -135,10 +135,18 @@ def test_key_list_api_keeps_repeats_and_rejects_unknown_keys(dataset):
 
 
 def test_view_over_a_shard_of_another_layout_is_refused_and_leaves_nothing(dataset):
-    idx = dataset / "train" / "shard-000000.idx"
-    head, first, rest = idx.read_text().split("\n", 2)
-    fields = first.split()
-    idx.write_text("\n".join([head, " ".join(fields[8:] + fields[:8]), rest]))  # json member first
+    e = select(dataset, columns=ENTRY_COLUMNS)
+    first = e.filter(pl.col("shard") == "shard-000000").row(0, named=True)
+    tar = dataset / "train" / "shard-000000.tar"
+    data = bytearray(tar.read_bytes())
+    at = first["data_offset"] + -(-first["bytes"] // 512) * 512  # the .cls header after the jpg
+    assert data[at:at + 100].rstrip(b"\0").decode() == f"{first['key']}.cls"
+    data[at:at + 100] = f"{first['key']}.txt".encode().ljust(100, b"\0")
+    tar.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="not stored as KEY.jpg then KEY.cls"):
-        view(dataset, "bal", per_class=3)
+        write_view(dataset, "bal", e)
     assert not (dataset / "views").exists() or not any((dataset / "views").iterdir())
+    for p in (dataset / "train").glob("*.idx"):
+        p.unlink()  # the view's index comes from the tables and the tars, not the shards' .idx
+    v = write_view(dataset, "rest", e.filter(pl.col("shard") != "shard-000000"))
+    assert len(v) == e.height - e.filter(pl.col("shard") == "shard-000000").height

@@ -336,7 +336,7 @@ def _write_view_url(ds: Dataset, name: str, ent: pl.DataFrame, split: str, optio
     buf = io.BytesIO()
     ent.write_parquet(buf, compression="zstd", compression_level=1, statistics=False)
     st.write_atomic(f"{base}/entries.parquet", buf.getvalue())
-    _write_indexes([st.path(f"{base}/{s}.idx") for s in shards], [ds.shard_path(split, s, "idx") for s in shards],
+    _write_indexes([st.path(f"{base}/{s}.idx") for s in shards], [ds.shard_path(split, s, "tar") for s in shards],
                    bounds, ds.shard_starts(split), ent)
     st.write_atomic(f"{base}/view.json", _view_meta(ent, name, split, options, shards, bounds))
     return View(ds, split, name, ent)
@@ -357,7 +357,7 @@ def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, op
         with ThreadPoolExecutor(1) as pool:  # entries.parquet beside the .idx files
             table = pool.submit(_write_parquet, ent, os.path.join(tmp, "entries.parquet"))
             _write_indexes([os.path.join(tmp, f"{s}.idx") for s in shards],
-                           [ds.shard_path(split, s, "idx") for s in shards], bounds, ds.shard_starts(split), ent)
+                           [ds.shard_path(split, s, "tar") for s in shards], bounds, ds.shard_starts(split), ent)
             table.result()
         write_atomic(os.path.join(tmp, "view.json"), _view_meta(ent, name, split, options, shards, bounds))
         _fsync_dir(tmp)
@@ -376,7 +376,7 @@ def _write_view_locked(ds: Dataset, name: str, ent: pl.DataFrame, split: str, op
 _CHUNK_ROWS = 1 << 20  # index lines formatted at a time (~50 MB of text)
 
 
-def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.ndarray, starts: Sequence[int],
+def _write_indexes(paths: Sequence[str], tars: Sequence[str], bounds: np.ndarray, starts: Sequence[int],
                    ent: pl.DataFrame) -> None:
     """One .idx per shard: `jpg OFFSET SIZE N.jpg cls OFFSET SIZE N.cls` per entry, N the sample's
     position in its shard (its row in samples.parquet less the shard's first), the same field
@@ -386,12 +386,13 @@ def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.nd
     size = ent["bytes"].to_numpy()
     label = ent["label"].to_numpy()
     # the tar layout every build writes: KEY.jpg then KEY.cls, one 512-byte header per member,
-    # data padded to 512 bytes; the .cls holds str(label) (_check_layout checks each shard)
+    # data padded to 512 bytes; the .cls holds str(label) (_check_layout checks each shard's tar)
     cls_off = off + (size + 511) // 512 * 512 + 512
     mag = np.abs(label)
     cls_size = (label < 0).astype(np.int64) + 1
     for j in range(1, width(mag) if len(mag) else 1):
         cls_size += mag >= 10 ** j
+    keys = ent["key"]
     sid = ent["shard_id"].to_numpy()
     pos = ent["sample"].to_numpy().astype(np.int64) - np.asarray(starts, np.int64)[sid] if len(sid) else sid
     w_off, w_size, w_pos, w_cls = width(cls_off), width(size), width(pos), width(cls_size)
@@ -402,7 +403,8 @@ def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.nd
         lo, hi = int(bounds[k]), int(bounds[stop])
         for j in range(k, stop):
             if bounds[j + 1] > bounds[j]:
-                _check_layout(shard_idx[j])
+                e = int(bounds[j])
+                _check_layout(tars[j], keys[e], int(off[e]), int(cls_off[e]), int(cls_size[e]))
         p = pos[lo:hi]
         text = fixed_lines([b"jpg ", (off[lo:hi], w_off), b" ", (size[lo:hi], w_size), b" ", (p, w_pos),
                             b".jpg cls ", (cls_off[lo:hi], w_off), b" ", (cls_size[lo:hi], w_cls), b" ", (p, w_pos),
@@ -435,20 +437,24 @@ def _write_indexes(paths: Sequence[str], shard_idx: Sequence[str], bounds: np.nd
         io.shutdown(cancel_futures=True)
 
 
-def _check_layout(path: str) -> None:
-    """The shard's first .idx line shows KEY.jpg then KEY.cls, the .cls right after the jpg's
-    padded data: the layout `_write_indexes` computes offsets from."""
-    with open_file(path) as f:
-        head = f.read(8192).split(b"\n", 2)
-    fields = head[1].split() if len(head) > 2 else []
-    try:
-        ok = (fields[0] == b"jpg" and fields[4] == b"cls"
-              and int(fields[5]) == int(fields[1]) + (int(fields[2]) + 511) // 512 * 512 + 512)
-    except (IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{path}: samples are not stored as KEY.jpg then KEY.cls tar members "
-                         "(a shard not written by `wvdata build`?); cannot index a view over it")
+def _check_layout(tar: str, key: str, jpg: int, cls: int, cls_size: int) -> None:
+    """The tar headers of a shard's first entry in the view: KEY.jpg right before its data, KEY.cls
+    of the computed size right after it (the layout `_write_indexes` computes offsets from)."""
+    heads = []
+    with open_file(tar) as f:  # a local file or a URL (two ranged reads)
+        for at in (jpg, cls):
+            f.seek(max(at - 512, 0))
+            heads.append(f.read(512) if at >= 512 else b"")
+    names = [_tar_name(h) for h in heads]
+    size = heads[1][124:136].rstrip(b"\0 ")
+    if names != [f"{key}.jpg".encode(), f"{key}.cls".encode()] or not size.isdigit() or int(size, 8) != cls_size:
+        raise ValueError(f"{tar}: {key} is not stored as KEY.jpg then KEY.cls tar members at the offsets "
+                         "samples.parquet gives (a shard not written by `wvdata build`?); cannot index a view over it")
+
+
+def _tar_name(header: bytes) -> bytes:
+    name, prefix = header[:100].split(b"\0", 1)[0], header[345:500].split(b"\0", 1)[0]
+    return prefix + b"/" + name if prefix else name
 
 
 def _write_synced(path: str, head: bytes, body: Any) -> None:
