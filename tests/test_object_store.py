@@ -294,6 +294,29 @@ def test_missing_permissions_are_error_rows_or_one_line_errors(s3, bucket, crawl
         assert errors["detail"].str.contains("Permission|AccessDenied|Forbidden").all()
 
 
+def test_manifest_in_a_bucket_keys_stay_under_the_prefix(s3, bucket, crawl):
+    """Keys relative to the manifest may not leave its prefix (`..` is normalised first); URLs
+    are allowed, unless --root names a prefix they are not under."""
+    jpg = next(crawl.root.rglob("*.jpg")).read_bytes()
+    s3.pipe_file("crawls/mf/img/a.jpg", jpg)
+    s3.pipe_file("crawls/mf/img/b.jpg", jpg)
+    s3.pipe_file("crawls/mf/img/c.jpg", jpg)
+    s3.pipe_file("crawls/mf/manifest.csv", (
+        "path,label\nimg/a.jpg,0\nimg/../img/b.jpg,1\n../wv/info/synsets.txt,0\n"
+        "img/../../wv/x.jpg,1\ns3://crawls/mf/img/c.jpg,1\n").encode())
+    build("s3://crawls/mf/manifest.csv", "s3://crawls/ds-mf", workers=1, progress=False, **OPTS)
+    ds = open_dataset("s3://crawls/ds-mf")
+    got, errs = ds.samples("train"), ds.errors("train")
+    assert sorted(got["src_path"].to_list()) == ["img/../img/b.jpg", "img/a.jpg", "s3://crawls/mf/img/c.jpg"]
+    assert sorted(errs["src_path"].to_list()) == ["../wv/info/synsets.txt", "img/../../wv/x.jpg"]
+    assert set(errs["reason"]) == {"path escapes source"}
+    build("s3://crawls/mf/manifest.csv", "s3://crawls/ds-mf2", workers=1, progress=False,
+          root="s3://crawls/mf/img/", **OPTS)
+    errs = open_dataset("s3://crawls/ds-mf2").errors("train")
+    assert "s3://crawls/mf/img/c.jpg" not in errs["src_path"].to_list()
+    assert sorted(errs["src_path"].to_list()) == ["../wv/info/synsets.txt", "img/../../wv/x.jpg"]
+
+
 def test_a_second_writer_is_refused_by_the_bucket_lease(s3, bucket):
     from wvdata.lock import DatasetLocked, dataset_lock
 
