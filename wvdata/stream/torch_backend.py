@@ -4,15 +4,15 @@ One DataLoader item is one whole batch of this rank's epoch plan: a worker reads
 entries from few shards and hands over a finished uint8 batch with the positions it holds; the
 main process attaches labels, keys and sample ids from those positions.
 
-Start-up (what the first batch waits for): the entry numbers, the keys and torchvision (for
-RandAugment) are read / imported side by side (two threads, joined before the workers fork);
-the keys go to a shared mapping that workers never touch: the main process attaches them.
+Start-up (what the first batch waits for): the entry numbers and the keys are read side by side
+(the key thread is joined before the workers fork); the keys go to a shared mapping that
+workers never touch: the main process attaches them. Nothing imports torchvision (RandAugment
+is PIL, see transforms), which alone took seconds (it imports torch._dynamo).
 """
 from __future__ import annotations
 
 import gc
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,10 +49,7 @@ class _Batches(torch.utils.data.Dataset):
             sample_seed = hash((self.seed, self.epoch, self.rank, i, j)) & 0x7FFFFFFF
             try:
                 data = src.check(p, self.files.read(src.shard_id[p], src.offset[p], src.size[p]))
-                if cfg.train:
-                    # RandAugment draws from torch's CPU generator; torch.manual_seed would also
-                    # (lazily) seed every accelerator backend, a 0.26 ms/img overhead in workers
-                    torch.default_generator.manual_seed(sample_seed)
+                if cfg.train:  # (RandAugment draws from the sample's rng too)
                     arr = train_image(data, int(src.width[p]), int(src.height[p]), cfg,
                                       random.Random(sample_seed), self.randaug)
                 else:
@@ -74,28 +71,14 @@ class _Batches(torch.utils.data.Dataset):
         return x, torch.as_tensor(np.asarray(good, dtype=np.int64)), bad
 
 
-def _import_quietly(cfg: TransformConfig) -> None:
-    """Import what RandAugment needs (torchvision: seconds) in a thread; errors surface later,
-    from the main thread's own call."""
-    try:
-        make_randaug(cfg)
-    except Exception:  # noqa: BLE001
-        pass
-
-
 class TorchLoader(LoaderBase):
     """The torch backend: byte-range reads + PIL decode in DataLoader worker processes."""
 
     backend = "torch"
-    key_read = "thread"  # read beside the entry numbers and the torchvision import, joined before the fork
+    key_read = "thread"  # read beside the entry numbers, joined before the workers fork
 
     def __init__(self, v: View, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2,
                  **common: Any):
-        self._warm: threading.Thread | None = None
-        cfg = common["cfg"]
-        if num_workers > 0 and cfg.train and cfg.randaug_n > 0:  # overlaps the entry read below
-            self._warm = threading.Thread(target=_import_quietly, args=(cfg,), name="wvdata-import", daemon=True)
-            self._warm.start()
         super().__init__(v, **common)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
 
@@ -108,10 +91,6 @@ class TorchLoader(LoaderBase):
         e = self.entries
         keys = e.keys  # (joins the key read): no other thread of ours is alive when the workers fork
         if self.num_workers > 0:
-            if self._warm is not None:
-                self._warm.join()
-                self._warm = None
-            make_randaug(self.cfg)  # imports torchvision here, once, not in every forked worker
             # the main process's objects leave the collector's reach while workers fork: a worker's
             # collections then never write to (and so copy) the pages it shares with the main process
             gc.collect()

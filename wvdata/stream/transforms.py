@@ -1,6 +1,7 @@
-"""Decode + augment one stored JPEG for the torch backend (PIL + torchvision v2).
+"""Decode + augment one stored JPEG for the torch backend (PIL only).
 
-Train: RandomResizedCrop -> horizontal flip -> RandAugment(n, m). Eval: resize the short side
+Train: RandomResizedCrop -> horizontal flip -> RandAugment(n, m) (`RandAugment`: torchvision's
+operations and magnitudes, written on PIL). Eval: resize the short side
 to size/crop_ratio, then a centre crop, 5 crops or 10 crops (5 + their mirrors). JPEGs are
 decoded at reduced size (libjpeg DCT scaling) whenever the crop still gets enough pixels.
 Outputs are uint8 HWC arrays; normalisation happens on the device (see stream.normalize).
@@ -79,7 +80,7 @@ def train_image(data: bytes, width: int, height: int, cfg: TransformConfig, rng:
     if cfg.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if randaug is not None:
-        img = randaug(img)
+        img = randaug(img, rng)
     return np.asarray(img)
 
 
@@ -104,10 +105,62 @@ def eval_images(data: bytes, width: int, height: int, cfg: TransformConfig) -> n
     return np.stack(crops)
 
 
-def make_randaug(cfg: TransformConfig):
-    """torchvision v2 RandAugment(n, m) on PIL images (None when n == 0 or not training)."""
+class RandAugment:
+    """RandAugment (Cubuk et al., 2020) on PIL images: `n` operations, each drawn uniformly from
+    the 14 below, at magnitude `m` of `bins` levels; the signed ones (shears, translations,
+    rotation, enhancements) take a random sign. The operation list and the magnitude ranges are
+    torchvision's (v2.RandAugment: shear 0-0.3, translation 0-150/331 of the side, rotation
+    0-30 degrees, enhancement factor 1 +- 0-0.9, posterize 8-4 bits, solarize threshold 255-0),
+    applied with PIL only: importing torchvision costs a loader seconds of start-up (it imports
+    torch._dynamo), and the draws come from the sample's own `random.Random`, so an image is a
+    function of its seed without seeding torch's generator."""
+
+    OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+           "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+    SIGNED = frozenset(OPS[1:10])
+
+    def __init__(self, n: int = 2, m: int = 9, bins: int = 31):
+        if n < 0 or not 0 <= m < bins:
+            raise ValueError(f"RandAugment needs n >= 0 and 0 <= m < {bins}, got n={n}, m={m}")
+        self.n, self.m, self.bins = n, m, bins
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        for _ in range(self.n):
+            op = self.OPS[rng.randrange(len(self.OPS))]
+            sign = -1.0 if op in self.SIGNED and rng.random() < 0.5 else 1.0
+            img = self.apply(img, op, sign)
+        return img
+
+    def apply(self, img: Image.Image, op: str, sign: float = 1.0) -> Image.Image:
+        """One operation at this magnitude (`sign` -1 mirrors the signed ones)."""
+        from PIL import ImageEnhance, ImageOps
+
+        f = self.m / (self.bins - 1)  # 0..1 along each operation's range
+        w, h = img.size
+        affine = {"shear_x": (1, sign * 0.3 * f, 0, 0, 1, 0), "shear_y": (1, 0, 0, sign * 0.3 * f, 1, 0),
+                  "translate_x": (1, 0, sign * 150 / 331 * w * f, 0, 1, 0),
+                  "translate_y": (1, 0, 0, 0, 1, sign * 150 / 331 * h * f)}.get(op)
+        if affine is not None:
+            return img.transform(img.size, Image.Transform.AFFINE, affine, Image.Resampling.NEAREST, fillcolor=0)
+        if op == "rotate":
+            return img.rotate(sign * 30 * f, Image.Resampling.NEAREST, fillcolor=0)
+        enhance = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
+                   "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}.get(op)
+        if enhance is not None:
+            return enhance(img).enhance(1 + sign * 0.9 * f)
+        if op == "posterize":
+            return ImageOps.posterize(img, 8 - round(4 * f))
+        if op == "solarize":
+            return ImageOps.solarize(img, 255 * (1 - f))
+        if op == "autocontrast":
+            return ImageOps.autocontrast(img)
+        if op == "equalize":
+            return ImageOps.equalize(img)
+        return img  # identity
+
+
+def make_randaug(cfg: TransformConfig) -> RandAugment | None:
+    """RandAugment(n, m) for training (None when n == 0 or not training)."""
     if not cfg.train or cfg.randaug_n <= 0:
         return None
-    from torchvision.transforms import v2
-
-    return v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m)
+    return RandAugment(cfg.randaug_n, cfg.randaug_m)
