@@ -150,3 +150,14 @@ def test_view_over_a_shard_of_another_layout_is_refused_and_leaves_nothing(datas
         p.unlink()  # the view's index comes from the tables and the tars, not the shards' .idx
     v = write_view(dataset, "rest", e.filter(pl.col("shard") != "shard-000000"))
     assert len(v) == e.height - e.filter(pl.col("shard") == "shard-000000").height
+
+
+def test_empty_and_one_entry_views(dataset):
+    keys = open_dataset(dataset).samples("train")["key"].to_list()
+    empty = write_view(dataset, "none", [])
+    assert len(empty) == 0 and empty.dali_files() == ([], [])
+    assert all(open(p).read() == "v1.2 0\n" for p in empty.index_paths())
+    one = load_view(dataset, write_view(dataset, "one", [keys[-1]]).name)
+    tars, idx = one.dali_files()
+    (jpg, cls), = parse_idx(open(idx[0]).read())
+    assert len(one) == 1 and tars[0].endswith(f"{one.entries['shard'][0]}.tar") and jpg.size == one.entries["bytes"][0]
