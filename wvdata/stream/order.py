@@ -23,11 +23,17 @@ def epoch_order(shard_ids: np.ndarray, seed: int, epoch: int, shuffle: bool = Tr
     if not shuffle:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x77DA7A])
-    shards = np.unique(shard_ids)
+    # entries grouped by shard, in position order within each: no sort where they already are
+    # (a split, a written view) and a count per shard id instead of a unique (16M entries: ~1 s)
+    counts = np.bincount(shard_ids) if n else np.zeros(0, np.int64)
+    shards = np.flatnonzero(counts)
+    if n and (shard_ids[1:] >= shard_ids[:-1]).all():
+        by_shard = np.arange(n, dtype=np.int64)
+    else:
+        by_shard = np.argsort(shard_ids, kind="stable")
+    first = np.concatenate([[0], np.cumsum(counts)])
     rng.shuffle(shards)
-    by_shard = np.argsort(shard_ids, kind="stable")
-    starts = np.searchsorted(shard_ids[by_shard], shards)
-    ends = np.searchsorted(shard_ids[by_shard], shards, side="right")
+    starts, ends = first[shards], first[shards + 1]
     out = []
     for w in range(0, len(shards), max(1, window)):
         chunk = np.concatenate([by_shard[s:e] for s, e in zip(starts[w:w + window], ends[w:w + window])])
