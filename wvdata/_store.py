@@ -18,7 +18,17 @@ import shutil
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from .dataset import is_url, join
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for local paths and fsspec URLs (s3://, http://) alike."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
 
 
 class StoreError(OSError):

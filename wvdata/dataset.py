@@ -14,6 +14,10 @@ from typing import Any
 
 import polars as pl
 
+from ._store import Store, is_url, join
+
+__all__ = ["Dataset", "open_dataset", "open_file", "check_name", "is_url", "join", "FORMAT_NAME", "FORMAT_VERSION"]
+
 FORMAT_NAME = "wvdata"
 FORMAT_VERSION = 1
 # Names read back from dataset files become paths only after matching these (a tampered
@@ -33,18 +37,6 @@ def check_name(kind: str, name: str) -> str:
         shown = name if not isinstance(name, str) or len(name) <= 80 else name[:77] + "..."
         raise ValueError(f"invalid {kind} name {shown!r}: {kind} names are {text}")
     return name
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts for local paths and fsspec URLs (s3://, http://) alike."""
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def open_file(path: str, mode: str = "rb"):
@@ -146,8 +138,6 @@ class Dataset:
         path = self.annotation_path(name)
         if is_url(path):  # one PUT: an object appears whole or not at all
             import io
-
-            from ._store import Store
 
             buf = io.BytesIO()
             table.write_parquet(buf)
