@@ -77,3 +77,24 @@ def test_a_state_saved_anywhere_in_a_segmented_epoch_restores_exactly_the_rest(b
         assert seen + [k for _, keys in rest for k in keys] == [k for _, keys in batches for k in keys], stop
         for (images, keys), (want, want_keys) in zip(rest, batches[stop:]):
             assert keys == want_keys and torch.equal(images, want), stop
+
+
+def test_a_corrupt_sample_in_a_later_segment_is_replaced_and_the_epoch_completes(webvision_dataset, tmp_path):
+    """The culprit is searched among the failing segment's entries; the rest of the epoch comes
+    from a fresh pipeline, every batch still there and every other entry exactly once."""
+    dst = tmp_path / "ds"
+    shutil.copytree(webvision_dataset, dst)
+    kw = {**KW, "view": None, "batch_size": 8}
+    ld = loader(dst, **kw)
+    bounds, plan = ld.segments().tolist(), ld._plan(0)
+    assert len(bounds) >= 3
+    later = set(plan[bounds[1] * 8:].tolist()) - set(plan[:bounds[1] * 8].tolist())
+    victim = load_view(dst, None, "train").entries.row(min(later), named=True)
+    with open(dst / "train" / f"{victim['shard']}.tar", "r+b") as f:
+        f.seek(victim["data_offset"])
+        f.write(b"\x00" * victim["bytes"])
+    ld = loader(dst, **kw)
+    batches = [keys for _, _, keys in ld]
+    keys = [k for b in batches for k in b]
+    assert len(batches) == len(ld) and ld.stats.skipped == 1 and victim["key"] not in keys
+    assert set(keys) == set(load_view(dst, None, "train").entries["key"]) - {victim["key"]}

@@ -358,7 +358,8 @@ class DaliLoader(LoaderBase):
                     batch = (images, torch.as_tensor(e.label[pos].astype(np.int64)), e.keys.take(pos))
                     yield (*batch, torch.as_tensor(e.sample[pos].astype(np.int64))) if self.with_index else batch
             except RuntimeError as err:  # a corrupt sample: find it, replace it, continue
-                newly = self._mark_bad(self._find_bad(self._remaining(epoch).tolist()))
+                # (an exact pipeline reads its segment only: the culprit is among those entries)
+                newly = self._mark_bad(self._find_bad((todo if exact else self._remaining(epoch)).tolist()))
                 if not newly:
                     raise
                 log.debug("DALI error %s; restarting without %d bad entries", err, len(newly))
