@@ -105,8 +105,8 @@ class _Deferred:
     def __init__(self, make):
         self.make, self.thread, self.value, self.error = make, None, None, None
 
-    def start(self) -> _Deferred:
-        self.thread = threading.Thread(target=self._run, name="wvdata-keys", daemon=True)
+    def start(self, name: str = "wvdata-keys") -> _Deferred:
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
         return self
 

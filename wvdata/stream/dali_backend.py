@@ -7,10 +7,11 @@ one shard window of entries and each next one GROWTH (4) times bigger (16M entri
 the segment starts and removed when it ends (formatted with Arrow string kernels, no Python work
 per entry); DALI reads exactly what an index lists, repeats included. The first batch so waits
 for one window's index lines, not the epoch's (DALI parses ~1.5 us per line when it builds a
-reader: 24 s for 16M). DALI's shuffle buffer (seeded by (seed, epoch, segment)) mixes samples
-across the window of shards it holds. Decoding runs on the GPU (`mixed`) when CUDA is present
-and on the CPU (`device_id=None`) otherwise. The keys load in a thread while the epoch is
-planned and the first pipeline built.
+reader: 24 s for 16M), and the next segment's pipeline is written, defined and built in a
+thread while the current one runs, so the switch does not stall either. DALI's shuffle buffer
+(seeded by (seed, epoch, segment)) mixes samples across the window of shards it holds.
+Decoding runs on the GPU (`mixed`) when CUDA is present and on the CPU (`device_id=None`)
+otherwise. The keys load in a thread while the epoch is planned and the first pipeline built.
 
 Pipelines are built with DALI's checkpointing: loader state carries the segment and the DALI
 checkpoint of the last batch yielded, and a restored loader rebuilds that segment from it and
@@ -42,7 +43,7 @@ from PIL import Image
 from ..build.tar import IDX_VERSION
 from ..dataset import is_url
 from ..views import View, concat_text
-from .base import LoaderBase, ShardFiles, quota_groups
+from .base import LoaderBase, ShardFiles, _Deferred, quota_groups
 from .transforms import TransformConfig
 
 log = logging.getLogger("wvdata.stream")
@@ -325,56 +326,82 @@ class DaliLoader(LoaderBase):
         restore, self._restore = self._restore, None
         bounds, plan = self.segments(total), None
         exact = self._batch == 0 or restore is not None
-        while self._batch < total:
-            # exact: the segment holding the next batch, from its start or from the restored DALI
-            # checkpoint; after a corrupt sample or from a state without a checkpoint, one pipeline
-            # over the entries not yielded yet
-            if exact:
-                seg = int(np.searchsorted(bounds, self._batch, side="right")) - 1
-                checkpoint = restore[1] if restore is not None and restore[0] == seg else None
-                if checkpoint is None and self._batch != bounds[seg]:
-                    exact = False  # mid-segment without its checkpoint
-                    continue
-                plan = self._plan(epoch) if plan is None else plan
-                todo, tag, seed = plan[bounds[seg] * bs:bounds[seg + 1] * bs], f"e{epoch}-s{seg}-r{self.rank}", seg
-            else:
-                seg, checkpoint = None, None
-                todo, tag, seed = self._remaining(epoch), f"e{epoch}-b{self._batch}-r{self.rank}", -1 - self._batch
-            restore = None
-            if not len(todo):
-                break
-            paths, idx, fill = self._write_indexes(todo, tag)
-            pipe = _pipeline(paths, idx, self.cfg, bs, self.num_threads, self.device_id, self.shuffle,
-                             self.shuffle_buffer or fill, hash((self.seed, epoch, seed)) & 0x7FFFFFFF, checkpoint)
-            it = self._iterator(pipe)
-            self._it, self._seg = (it, seg) if exact else (None, None)
-            try:
-                for out in it:
-                    images, info = out[0]["images"], out[0]["info"].cpu().numpy()
-                    pos = self._positions(info)
-                    self._consumed.append(pos)
-                    self._batch += 1
-                    e = self.entries
-                    batch = (images, torch.as_tensor(e.label[pos].astype(np.int64)), e.keys.take(pos))
-                    yield (*batch, torch.as_tensor(e.sample[pos].astype(np.int64))) if self.with_index else batch
-            except RuntimeError as err:  # a corrupt sample: find it, replace it, continue
-                # (an exact pipeline reads its segment only: the culprit is among those entries)
-                newly = self._mark_bad(self._find_bad((todo if exact else self._remaining(epoch)).tolist()))
-                if not newly:
-                    raise
-                log.debug("DALI error %s; restarting without %d bad entries", err, len(newly))
-                exact, self._it, self._seg = False, None, None
-            else:
-                if exact and self._batch < bounds[seg + 1]:  # (never expected) a short segment
-                    exact = False
-                elif not exact:
-                    break
-            finally:
-                del it, pipe
-                for path in idx:  # a finished pipeline's index files (16M entries: ~0.4 GB an epoch)
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
+        ahead: tuple[int, _Deferred] | None = None  # (segment, its pipeline being built in a thread)
+        try:
+            while self._batch < total:
+                # exact: the segment holding the next batch, from its start or from the restored DALI
+                # checkpoint; after a corrupt sample or from a state without a checkpoint, one
+                # pipeline over the entries not yielded yet
+                got = None
+                if ahead is not None:
+                    got = (ahead[0], _result(ahead[1]))
+                    ahead = None
+                if exact:
+                    seg = int(np.searchsorted(bounds, self._batch, side="right")) - 1
+                    checkpoint = restore[1] if restore is not None and restore[0] == seg else None
+                    if checkpoint is None and self._batch != bounds[seg]:
+                        exact = False  # mid-segment without its checkpoint
+                        _drop(got)
+                        continue
+                    plan = self._plan(epoch) if plan is None else plan
+                    todo = plan[bounds[seg] * bs:bounds[seg + 1] * bs]
+                    if got is not None and got[0] == seg and got[1] is not None and checkpoint is None:
+                        pipe, idx = got[1]
+                    else:
+                        _drop(got)
+                        pipe, idx = self._segment(todo, epoch, seg, checkpoint)
+                else:
+                    _drop(got)
+                    seg, todo = None, self._remaining(epoch)
+                    if not len(todo):
+                        break
+                    pipe, idx = self._segment(todo, epoch, -1 - self._batch, None)
+                restore = None
+                it = self._iterator(pipe)  # builds (unless built ahead) and prefetches
+                self._it, self._seg = (it, seg) if exact else (None, None)
+                if exact and seg + 2 < len(bounds):  # the next segment's pipeline, built meanwhile
+                    nxt = plan[bounds[seg + 1] * bs:bounds[seg + 2] * bs]
+                    job = _Deferred(lambda n=seg + 1, t=nxt: self._segment(t, epoch, n, None, True))
+                    ahead = (seg + 1, job.start("wvdata-dali-ahead"))
+                try:
+                    for out in it:
+                        images, info = out[0]["images"], out[0]["info"].cpu().numpy()
+                        pos = self._positions(info)
+                        self._consumed.append(pos)
+                        self._batch += 1
+                        e = self.entries
+                        batch = (images, torch.as_tensor(e.label[pos].astype(np.int64)), e.keys.take(pos))
+                        yield (*batch, torch.as_tensor(e.sample[pos].astype(np.int64))) if self.with_index else batch
+                except RuntimeError as err:  # a corrupt sample: find it, replace it, continue
+                    # (an exact pipeline reads its segment only: the culprit is among those entries)
+                    newly = self._mark_bad(self._find_bad((todo if exact else self._remaining(epoch)).tolist()))
+                    if not newly:
+                        raise
+                    log.debug("DALI error %s; restarting without %d bad entries", err, len(newly))
+                    exact, self._it, self._seg = False, None, None
+                else:
+                    if exact and self._batch < bounds[seg + 1]:  # (never expected) a short segment
+                        exact = False
+                    elif not exact:
+                        break
+                finally:
+                    del it
+                    _drop((None, (pipe, idx)))
+                    del pipe
+        finally:
+            if ahead is not None:
+                _drop((ahead[0], _result(ahead[1])))
         self.epoch, self._batch, self._consumed, self._it, self._seg = epoch + 1, 0, [], None, None
+
+    def _segment(self, todo: np.ndarray, epoch: int, key: int, checkpoint, build: bool = False):
+        """(pipeline, index files) over `todo`, seeded by (seed, epoch, key); with `build`, built
+        (DALI parses the index then: done in a thread for the segment after the current one)."""
+        paths, idx, fill = self._write_indexes(todo, f"e{epoch}-k{key}-r{self.rank}")
+        pipe = _pipeline(paths, idx, self.cfg, self.batch_size, self.num_threads, self.device_id, self.shuffle,
+                         self.shuffle_buffer or fill, hash((self.seed, epoch, key)) & 0x7FFFFFFF, checkpoint)
+        if build:
+            pipe.build()
+        return pipe, idx
 
     def _iterator(self, pipe):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -463,6 +490,23 @@ class DaliLoader(LoaderBase):
             pick = same if len(same) else good
             out[j] = pick[j % len(pick)]
         return out
+
+
+def _result(job: _Deferred):
+    """A pipeline built ahead, or None where building it failed (it is then built again in line,
+    where the error surfaces)."""
+    try:
+        return job.result()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _drop(got) -> None:
+    """Forget a (segment, (pipeline, index files)) pair: the files go."""
+    if got is not None and got[1] is not None:
+        for path in got[1][1]:  # a finished pipeline's index files (16M entries: ~0.4 GB an epoch)
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _idx_text(e, positions: np.ndarray, names: np.ndarray) -> tuple[memoryview, np.ndarray]:
