@@ -55,7 +55,9 @@ def s3():
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url})
     import s3fs
 
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients: none may keep another endpoint
     yield s3fs.S3FileSystem(use_listings_cache=False)
+    s3fs.S3FileSystem.clear_instance_cache()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     proc.terminate()
