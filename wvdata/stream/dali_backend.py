@@ -12,6 +12,8 @@ thread while the current one runs, so the switch does not stall either. DALI's s
 (seeded by (seed, epoch, segment)) mixes samples across the window of shards it holds.
 Decoding runs on the GPU (`mixed`) when CUDA is present and on the CPU (`device_id=None`)
 otherwise. The keys load in a thread while the epoch is planned and the first pipeline built.
+A dataset at an s3:// URL is read by DALI's own S3 client (the same `AWS_*` environment) from
+the tar URLs, with the index files local as always; other URL schemes need the torch backend.
 
 Pipelines are built with DALI's checkpointing: loader state carries the segment and the DALI
 checkpoint of the last batch yielded, and a restored loader rebuilds that segment from it and
@@ -154,9 +156,9 @@ class DaliLoader(LoaderBase):
         super().__init__(v, **common)
         if quota is not None:  # fed batch by batch (`_quota_iter`), so quota batches stay exact
             self.quota = quota_groups(v, quota, self.batch_size * self.world_size)
-        if is_url(v.dataset.root):
-            raise ValueError("the dali backend reads local (or mounted) datasets; use backend='torch' "
-                             f"for {v.dataset.root}")
+        if is_url(v.dataset.root) and not v.dataset.root.startswith("s3://"):
+            raise ValueError("the dali backend reads local (or mounted) datasets and s3:// URLs (its "
+                             f"reader's own S3 client); use backend='torch' for {v.dataset.root}")
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
@@ -190,7 +192,7 @@ class DaliLoader(LoaderBase):
         self._checked = not self.verify
         # a missing shard file is found now, not by DALI mid-epoch: its entries are skipped,
         # counted and replaced by repeats of good ones, as the torch backend would skip them
-        for sid in np.flatnonzero(counts):
+        for sid in np.flatnonzero(counts) if not is_url(v.dataset.root) else []:  # (a bucket: DALI reports it)
             if not os.path.isfile(e.paths[sid]):
                 lost = np.flatnonzero(e.shard_id == sid)
                 self._bad[lost] = True
