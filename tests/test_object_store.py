@@ -103,6 +103,24 @@ def test_bucket_to_bucket_equals_the_local_build(s3, bucket, reference):
     assert ds.samples("train").height == open_dataset(reference).samples("train").height
 
 
+def test_folder_crawl_in_a_bucket_equals_the_local_build(s3, bucket, tmp_path):
+    """The folder layout from one listing of the prefix: splits, classes, a loose file as an
+    error row, the same dataset bytes as the same folder built from disk."""
+    from wvdata.synth import make_folder_crawl
+
+    crawl = make_folder_crawl(tmp_path / "folder", classes=3, train_per_class=3, val_per_class=2,
+                              sizes=((400, 300), (300, 400)), seed=2)  # train/<class>/..., val/<class>/...
+    (crawl.root / "notes.txt").write_text("not an image")  # a loose file next to the split folders
+    s3.put(str(crawl.root), "crawls/folder", recursive=True)
+    local = tmp_path / "ds"
+    quiet_build(crawl.root, local, **OPTS)
+    build("s3://crawls/folder", "s3://crawls/ds-folder", workers=2, progress=False, **OPTS)
+    assert bucket_tree(s3, "crawls/ds-folder") == tree(local)
+    errors = open_dataset(local).errors("train")
+    assert errors["reason"].to_list() == ["not in a class folder"]
+    assert open_dataset(local).num_classes == 3 and open_dataset(local).samples("val").height == 6
+
+
 def test_killed_bucket_build_resumes_byte_identical(s3, bucket, reference, tmp_path):
     out = "s3://crawls/ds-killed"
     cmd = [sys.executable, "-m", "wvdata.cli", "build", "s3://crawls/wv", "-o", out, "--workers", "1", *CLI_OPTS]
