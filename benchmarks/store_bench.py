@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,25 +29,11 @@ from pathlib import Path
 from benchmarks import _common
 from benchmarks._common import cpu_seconds, failed, load, parse_scaled, read_all, result
 from benchmarks._crawl import make_crawl
+from wvdata.synth.s3 import s3_env, start_s3_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store-cpu.txt"
 OUT = Path(__file__).resolve().parent / "out" / "store-bench"
 SIZES = {"small": {"images": 400}, "full": {"images": 2000}}
-
-
-def _moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def _cli_build(src: str, out: str, workers: int) -> tuple[float, float]:
@@ -75,10 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_scaled(p, argv, SIZES)
     crawl = make_crawl(args.images, workers=args.workers)
     read_all(sorted(str(f) for f in crawl.rglob("*.jpg")))
-    proc, endpoint = _moto()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                       "AWS_ENDPOINT_URL_S3": endpoint})
+    proc, endpoint = start_s3_server()
+    os.environ.update(s3_env(endpoint, "bench", "bench"))
     lines = ["wvdata object-storage benchmark", _common.machine(), load(),
              f"crawl: {crawl.name}, {args.images} JPEGs; S3 = moto server on 127.0.0.1 (same cores); "
              f"{args.workers} workers"]

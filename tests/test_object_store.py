@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,47 +18,23 @@ from _crawls import quiet_build, tree
 from wvdata import open_dataset
 from wvdata.build import build
 from wvdata.synth import make_webvision_crawl
+from wvdata.synth.s3 import free_port, restore_env, s3_env, set_env, start_s3_server
 
 OPTS = {"shard_samples": 4, "resize_short": 64}
 CLI_OPTS = ["--shard-samples", "4", "--resize-short", "64", "-q"]
-S3_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(extra_env or {})})
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server for this module; credentials and endpoint only in the environment."""
-    proc, url = _start_moto()
-    saved = {k: os.environ.get(k) for k in S3_ENV_KEYS}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url})
+    proc, url = start_s3_server()
+    saved = set_env(s3_env(url))
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients: none may keep another endpoint
     yield s3fs.S3FileSystem(use_listings_cache=False)
     s3fs.S3FileSystem.clear_instance_cache()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    restore_env(saved)
     proc.terminate()
     proc.wait(10)
 
@@ -255,7 +230,7 @@ def test_missing_bucket_and_unreachable_store_are_one_line_errors(s3, bucket, tm
     res = _cli(["build", "s3://crawls/wv", "-o", "s3://no-such-bucket/ds", "-q"], tmp_path)
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "no-such-bucket" in res.stderr
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     res = _cli(["build", "s3://crawls/wv", "-o", "s3://crawls/y", "-q"], tmp_path, AWS_ENDPOINT_URL=dead,
                AWS_ENDPOINT_URL_S3=dead, AWS_MAX_ATTEMPTS="1")
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr

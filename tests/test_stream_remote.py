@@ -1,11 +1,7 @@
 """Streaming over fsspec URLs by byte range: a real local S3 endpoint (moto) and HTTP server."""
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -14,31 +10,21 @@ import pytest
 
 from wvdata import open_dataset
 from wvdata.stream import loader
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from wvdata.synth.s3 import s3_env as s3_environment
+from wvdata.synth.s3 import start_s3_server
 
 
 @pytest.fixture()
 def s3_env(monkeypatch):
     """moto's standalone S3 server on 127.0.0.1, started and stopped here."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url}.items():
+    import s3fs
+
+    proc, url = start_s3_server()
+    for k, v in s3_environment(url).items():
         monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # no cached client may keep another endpoint
     yield url
+    s3fs.S3FileSystem.clear_instance_cache()
     proc.terminate()
     proc.wait(10)
 
