@@ -52,17 +52,18 @@ def url_fs(url: str) -> tuple[Any, str]:
     return fs, fs._strip_protocol(url).rstrip("/")
 
 
-def normalized_inside(url: str, prefix: str) -> str | None:
-    """`url` with `.`/`..` resolved if it stays under `prefix` (both URLs), else None."""
+def normalize_url(url: str) -> str:
+    """`url` with `.` and `..` resolved in its path (a bucket has no links to follow)."""
     scheme, _, rest = url.partition("://")
-    pscheme, _, prest = prefix.partition("://")
-    if scheme != pscheme or not rest:
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def normalized_inside(url: str, prefix: str) -> str | None:
+    """`url` normalised if it stays under `prefix` (both URLs, same scheme), else None."""
+    if url.partition("://")[0] != prefix.partition("://")[0] or not url.partition("://")[2]:
         return None
-    norm = posixpath.normpath("/" + rest).lstrip("/")
-    base = posixpath.normpath("/" + prest).lstrip("/")
-    if norm != base and not norm.startswith(base.rstrip("/") + "/"):
-        return None
-    return f"{scheme}://{norm}"
+    norm, base = normalize_url(url), normalize_url(prefix).rstrip("/")
+    return norm if norm == base or norm.startswith(base + "/") else None
 
 
 class Store:

@@ -133,21 +133,16 @@ class Dataset:
         return join(self.root, "annotations", f"{name}.parquet")
 
     def write_annotation(self, name: str, table: pl.DataFrame) -> str:
-        """Write annotations/NAME.parquet under a temporary name, then rename it into place
-        (local paths and fsspec URLs), so a reader never sees half a table; return its path."""
-        path = self.annotation_path(name)
-        if is_url(path):  # one PUT: an object appears whole or not at all
-            import io
+        """Write annotations/NAME.parquet whole (temporary name + rename on disk, one PUT in a
+        bucket), so a reader never sees half a table; return its path."""
+        import io
 
-            buf = io.BytesIO()
-            table.write_parquet(buf)
-            Store(self.root).write_atomic(f"annotations/{name}.parquet", buf.getvalue())
-            return path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        table.write_parquet(tmp)
-        os.replace(tmp, path)
-        return path
+        buf = io.BytesIO()
+        table.write_parquet(buf)
+        st = Store(self.root)
+        st.makedirs("annotations")
+        st.write_atomic(f"annotations/{name}.parquet", buf.getvalue())
+        return self.annotation_path(name)
 
     def read_image_bytes(self, split: str, shard: str, data_offset: int, size: int) -> bytes:
         """The stored JPEG of one sample, read by byte range."""

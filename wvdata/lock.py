@@ -180,7 +180,8 @@ def _store_lease(root: str, command: str) -> Iterator[Lease]:
 
     st = Store(root)
     st.makedirs()
-    s3 = st.fs.protocol in ("s3", "s3a") or "s3" in tuple(st.fs.protocol)
+    protocols = st.fs.protocol if isinstance(st.fs.protocol, tuple) else (st.fs.protocol,)
+    s3 = "s3" in protocols
     lease = Lease(command)
 
     def put(cond: dict) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from .._args import add_options, options_from, positive_int
-from .._store import Store, normalized_inside
+from .._store import Store, normalize_url
 from ..dataset import FORMAT_NAME, FORMAT_VERSION, is_url
 from ..engine import ENGINES, check_engine, default_workers, run_tasks
 from ..lock import LOCK_NAME, dataset_lock
@@ -114,8 +114,8 @@ def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions 
     contain = _real(opts.root) if opts.root else None if inputs.layout == "manifest" else _real(src)
     fingerprint = _fingerprint(opts, src, inputs)
     real_src, real_out = _real(src), _real(out)
-    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip("/" + os.sep) + "/")
-                      or real_src.startswith(real_out.rstrip(os.sep) + os.sep)):
+    sep = "/" if is_url(out) else os.sep
+    if overwrite and (real_src == real_out or real_src.startswith(real_out.rstrip(sep) + sep)):
         raise ValueError(f"refusing to --overwrite {out}: the source {src} is inside it")
     with dataset_lock(out, "wvdata build"):
         return _build_locked(src, out, opts, inputs, contain, fingerprint, workers, engine, resume, overwrite,
@@ -124,8 +124,7 @@ def build(src: str | os.PathLike, out: str | os.PathLike, options: BuildOptions 
 
 def _real(path: str) -> str:
     """A local path resolved (links, `..`); a URL normalised (`.`, `..`)."""
-    return (normalized_inside(path, path.split("://", 1)[0] + "://") or path) if is_url(path) \
-        else os.path.realpath(path)
+    return normalize_url(path) if is_url(path) else os.path.realpath(path)
 
 
 def _build_locked(src: str, out: str, opts: BuildOptions, inputs, contain: str | None, fingerprint: str,
@@ -217,8 +216,10 @@ def _remove_work(st: Store) -> None:
 
 def _remove_temp_files(st: Store) -> None:
     """Temporary files of writes cut short by a kill (see Store.write_atomic); a bucket has none."""
+    if st.url:
+        return
     for d in ["", *SPLITS]:
-        for name in st.listdir(d) if not st.url else []:
+        for name in st.listdir(d):
             if ".tmp-" in name and st.isfile(f"{d}/{name}" if d else name):
                 st.remove(f"{d}/{name}" if d else name)
 
@@ -261,6 +262,7 @@ def _finalize(st: Store, opts: BuildOptions, inputs, tasks: list[ShardTask],
         parts_s, parts_e, shards = [], [], []
         pre = [asdict(e) for e in inputs.errors if e.split == split]
         parts_e.append(pl.DataFrame(pre, schema=ERROR_SCHEMA))
+        sizes = st.find(split)  # one listing, not a request per shard
         for t in (t for t in tasks if t.split == split):
             err_path, smp_path = part_paths(split, t.name)
             s = pl.DataFrame(json.loads(st.read_bytes(smp_path)), schema=SAMPLE_SCHEMA)
@@ -268,7 +270,7 @@ def _finalize(st: Store, opts: BuildOptions, inputs, tasks: list[ShardTask],
             parts_s.append(s)
             parts_e.append(e)
             if s.height:
-                nbytes = st.size(f"{split}/{t.name}.tar")
+                nbytes = sizes[f"{t.name}.tar"]
                 shards.append({"name": t.name, "samples": s.height, "bytes": nbytes})
         samples = pl.concat(parts_s) if parts_s else pl.DataFrame(schema=SAMPLE_SCHEMA)
         errors = pl.concat(parts_e)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from .._store import StoreError, describe_error, normalized_inside, url_fs
+from .._store import Store, StoreError, describe_error, normalized_inside, url_fs
 from .image import ImageRejected
 
 
@@ -93,10 +93,7 @@ class UrlPath:
 
     def find(self) -> dict[str, int]:
         """Every object under this prefix: relative key -> size."""
-        base = self._key.rstrip("/")
-        found = self._ask(self.fs.find, base, detail=True)
-        return {k[len(base) + 1:]: int(v.get("size") or 0) for k, v in found.items()
-                if k.startswith(base + "/") and v.get("type") != "directory"}
+        return Store(self.url).find()
 
 
 def check_source(src: UrlPath) -> str:
@@ -110,57 +107,37 @@ def check_source(src: UrlPath) -> str:
 
 def read_url(url: str, contain: str | None, limit: int) -> bytes:
     """The bytes of one input object, at most `limit` (one ranged GET); a key outside the source
-    prefix, a missing or unreadable object become ImageRejected (an error row)."""
-    if contain is not None:
-        norm = normalized_inside(url, contain)
-        if norm is None:
-            raise ImageRejected("path escapes source", f"{url} is not under {contain}")
-        url = norm
-    try:
-        fs, key = url_fs(url)
-        data = fs.cat_file(key, start=0, end=limit + 1)
-    except FileNotFoundError:
-        raise ImageRejected("missing file", url) from None
-    except Exception as e:  # PermissionError, botocore errors, a vanished endpoint
-        raise ImageRejected("unreadable file", describe_error(e)) from None
-    if len(data) > limit:
-        raise ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
+    prefix, a missing or unreadable object raise ImageRejected (an error row)."""
+    data = read_urls([url], contain, limit)[0]
+    if isinstance(data, ImageRejected):
+        raise data
     return data
 
 
 def read_urls(urls: list[str], contain: str | None, limit: int) -> list[bytes | ImageRejected]:
-    """`read_url` for many objects at once: the ranged GETs run concurrently in fsspec's event
-    loop (a chunk's images arrive in about one round trip instead of one each)."""
+    """`read_url` for many objects at once: per store, the ranged GETs run concurrently in
+    fsspec's event loop (a chunk's images arrive in about one round trip instead of one each)."""
     out: list[bytes | ImageRejected] = []
-    todo: list[tuple[int, str]] = []
+    by_scheme: dict[str, list[tuple[int, str]]] = {}
     for u in urls:
         norm = normalized_inside(u, contain) if contain is not None else u
         out.append(ImageRejected("path escapes source", f"{u} is not under {contain}") if norm is None else b"")
         if norm is not None:
-            todo.append((len(out) - 1, norm))
-    if not todo:
-        return out
-    protocols = {u.split("://", 1)[0] for _, u in todo}
-    fs = url_fs(todo[0][1])[0] if len(protocols) == 1 else None
-    if fs is None or not hasattr(fs, "cat_ranges"):
-        for i, u in todo:
-            try:
-                out[i] = read_url(u, None, limit)
-            except ImageRejected as e:
-                out[i] = e
-        return out
-    try:
-        got = fs.cat_ranges([fs._strip_protocol(u) for _, u in todo], [0] * len(todo), [limit + 1] * len(todo),
-                            on_error="return")
-    except Exception as e:  # the whole batch failed (endpoint gone): each row says why
-        got = [e] * len(todo)
-    for (i, u), r in zip(todo, got):
-        if isinstance(r, FileNotFoundError):
-            out[i] = ImageRejected("missing file", u)
-        elif isinstance(r, BaseException):
-            out[i] = ImageRejected("unreadable file", describe_error(r))
-        elif len(r) > limit:
-            out[i] = ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
-        else:
-            out[i] = bytes(r)
+            by_scheme.setdefault(norm.split("://", 1)[0], []).append((len(out) - 1, norm))
+    for todo in by_scheme.values():
+        try:
+            fs = url_fs(todo[0][1])[0]
+            got = fs.cat_ranges([fs._strip_protocol(u) for _, u in todo], [0] * len(todo), [limit + 1] * len(todo),
+                                on_error="return")
+        except Exception as e:  # the whole batch failed (endpoint gone): each row says why
+            got = [e] * len(todo)
+        for (i, u), r in zip(todo, got):
+            if isinstance(r, FileNotFoundError):
+                out[i] = ImageRejected("missing file", u)
+            elif isinstance(r, BaseException):
+                out[i] = ImageRejected("unreadable file", describe_error(r))
+            elif len(r) > limit:
+                out[i] = ImageRejected("file too large", f"more than {limit} bytes (from --max-pixels)")
+            else:
+                out[i] = bytes(r)
     return out
