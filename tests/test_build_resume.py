@@ -136,6 +136,11 @@ def test_leftovers_of_a_kill_inside_a_write_are_not_kept(crawl, reference, tmp_p
     assert main(["build", str(crawl.root), "-o", str(fresh), "--resume"] + OPTS) == 0
     assert_same_tree(reference, fresh)
 
+    bare = tmp_path / "bare"  # killed between creating .build and starting its fingerprint
+    (bare / ".build").mkdir(parents=True)
+    assert main(["build", str(crawl.root), "-o", str(bare), "--resume"] + OPTS) == 0
+    assert_same_tree(reference, bare)
+
 
 def test_resume_with_other_options_is_refused(crawl, tmp_path, capsys):
     out = tmp_path / "ds"
