@@ -79,6 +79,8 @@ def tar_end(size: int) -> bytes:
 def idx_line(members: Iterable[Member]) -> str:
     """One sample's line of a wds2idx v1.2 index: `ext offset size name` per member."""
     return " ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in members)
+
+
 def format_idx(lines: Sequence[str]) -> str:
     """The whole index text for the given sample lines (in the order they are read)."""
     return f"{IDX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
