@@ -32,7 +32,7 @@ def test_features_cover_every_train_sample_once_as_float16(embedded):
     assert sorted(keys.to_list()) == sorted(train["key"].to_list())
     assert summary["rows"] == train.height and summary["unreadable"] == 0 and summary["chunks"] == 3
     meta = json.loads((ds / "features" / "run" / "meta.json").read_text())
-    assert meta["spec"]["name"] == "test_resnet" and meta["spec"]["image_size"] == 64
+    assert meta["spec"]["name"] == "test_resnet" and meta["spec"]["image_size"] == 32
     assert not (ds / "features" / "run" / ".parts").exists()
     # the features carry the classes: nearest class centre (of the noisy labels) recovers most labels
     labels = dict(train.select("key", "label").iter_rows())
@@ -55,7 +55,7 @@ def test_features_are_the_classifier_input_of_the_trained_model(embedded):
     full.eval()
     from wvdata.stream import loader, normalize
 
-    images, _, batch_keys = next(iter(loader(ds, batch_size=16, train=False, shuffle=False, image_size=64,
+    images, _, batch_keys = next(iter(loader(ds, batch_size=16, train=False, shuffle=False, image_size=32,
                                              num_workers=0, rank=0, world_size=1)))
     with torch.no_grad():
         logits = full(normalize(images, channels_last=False))
@@ -96,7 +96,7 @@ def test_a_timm_model_with_a_local_weights_file_gives_the_same_features(embedded
     ds, run, _ = embedded
     weights = tmp_path / "test_resnet.pth"
     torch.save(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"], weights)
-    embed(ds, model="test_resnet", weights=weights, image_size=64, name="w", workers=1, progress=False)
+    embed(ds, model="test_resnet", weights=weights, image_size=32, name="w", workers=1, progress=False)
     a, ka = load_features(ds, "w")
     b, kb = load_features(ds, "run")
     assert ka.to_list() == kb.to_list() and np.allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2)
