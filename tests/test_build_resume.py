@@ -142,6 +142,31 @@ def test_leftovers_of_a_kill_inside_a_write_are_not_kept(crawl, reference, tmp_p
     assert_same_tree(reference, bare)
 
 
+def test_an_error_while_writing_a_shard_leaves_no_partial_tar(crawl, reference, tmp_path, monkeypatch):
+    """A write that fails part-way through a shard (a full disk, a store error) removes that shard's
+    temporary tar even while the failed writer is still referenced (here by the traceback), and
+    `--resume` then completes the dataset byte for byte."""
+    from wvdata.build import shards
+
+    append = shards.ShardSink._append
+
+    def fail_in_shard_3(self, chunk):
+        append(self, chunk)
+        if self.task.split == "train" and self.task.name.endswith("000003"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.ShardSink, "_append", fail_in_shard_3)
+    out = tmp_path / "ds"
+    with pytest.raises(OSError, match="No space left") as failed:
+        quiet_build(crawl.root, out, shard_samples=4, resize_short=64)
+    assert failed.traceback  # the failed writer is still referenced: only the build's clean-up can act
+    assert not [p.name for p in out.rglob("*") if ".tmp-" in p.name]
+    assert (out / "train" / "shard-000002.tar").exists() and not (out / "train" / "shard-000003.tar").exists()
+    monkeypatch.undo()
+    assert main(["build", str(crawl.root), "-o", str(out), "--resume"] + OPTS) == 0
+    assert_same_tree(reference, out)
+
+
 def test_resume_with_other_options_is_refused(crawl, tmp_path, capsys):
     out = tmp_path / "ds"
     _killed_build(crawl.root, out, lambda: _files(out, "train/*.tar") >= 2)

@@ -176,13 +176,18 @@ def _run_chunks(todo: list[ShardTask], workers: int, progress: bool, warmup) -> 
     chunks = [c for i, t in enumerate(todo) for c in split_chunks(i, t, size)]
     counts = Counter(c.shard for c in chunks)
     sinks: dict[int, ShardSink] = {}
-    for chunk in run_tasks(encode_chunk, chunks, weights=[len(c.rows) for c in chunks], workers=workers,
-                           desc="build", progress=progress, ticks=True, warmup=warmup):
-        sink = sinks.get(chunk.shard)
-        if sink is None:
-            sink = sinks[chunk.shard] = ShardSink(todo[chunk.shard], counts[chunk.shard])
-        if sink.add(chunk):
-            del sinks[chunk.shard]
+    try:
+        for chunk in run_tasks(encode_chunk, chunks, weights=[len(c.rows) for c in chunks], workers=workers,
+                               desc="build", progress=progress, ticks=True, warmup=warmup):
+            sink = sinks.get(chunk.shard)
+            if sink is None:
+                sink = sinks[chunk.shard] = ShardSink(todo[chunk.shard], counts[chunk.shard])
+            if sink.add(chunk):
+                del sinks[chunk.shard]
+    except BaseException:
+        for sink in sinks.values():  # shards cut short leave no partial tar (resume redoes them)
+            sink.abort()
+        raise
     assert not sinks, "a shard was left unfinished"
 
 

@@ -9,6 +9,7 @@ its inputs from and writes its shard to the store itself.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -245,6 +246,15 @@ class ShardSink:
         st.write_atomic(err_path, json.dumps(self._errors))
         st.write_atomic(smp_path, json.dumps(self._samples))
 
+    def abort(self) -> None:
+        """Drop a shard cut short by an error: its unpublished tar goes (the temporary file is
+        removed, the multipart upload discarded), so that a retry or `--resume` starts it clean
+        and a finished dataset never holds a stray part of it."""
+        writer, self._writer, self._file = self._writer, None, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.__exit__(OSError, OSError("shard aborted"), None)
+
     @property
     def counts(self) -> tuple[int, int]:
         return len(self._samples), len(self._errors)
@@ -254,7 +264,11 @@ def run_shard(task: ShardTask) -> tuple[int, int]:
     """One whole shard in one task (a Ray task): its rows as one chunk, then the shard written.
     Gives the same bytes as the local pool's chunks (tar fragments join exactly)."""
     sink = ShardSink(task, 1)
-    sink.add(encode_chunk(split_chunks(0, task, max(len(task.rows), 1))[0]))
+    try:
+        sink.add(encode_chunk(split_chunks(0, task, max(len(task.rows), 1))[0]))
+    except BaseException:
+        sink.abort()  # Ray may run the task again, possibly in another process
+        raise
     return sink.counts
 
 
