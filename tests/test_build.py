@@ -394,7 +394,7 @@ def test_ray_engine_gives_the_same_dataset(crawl, built, tmp_path, ray_cluster):
 @pytest.mark.slow  # starts its own Ray cluster in a subprocess: about a minute on 2 cores
 def test_a_ray_task_that_fails_mid_shard_is_retried_and_leaves_nothing_behind(crawl, built, tmp_path):
     """The first attempt at three shards dies after writing part of its tar (a Ray worker setup
-    hook, tests/_ray_faults.py); Ray runs them again and the dataset is the pool's, byte for byte,
+    hook, tests/_faults.py); Ray runs them again and the dataset is the pool's, byte for byte,
     with no temporary file left over."""
     pytest.importorskip("ray")
     plan = tmp_path / "fail-once"
@@ -404,7 +404,7 @@ def test_a_ray_task_that_fails_mid_shard_is_retried_and_leaves_nothing_behind(cr
     for name in shards:
         (plan / name).touch()
     tests = Path(__file__).resolve().parent
-    runtime_env = {"worker_process_setup_hook": "_ray_faults.install",
+    runtime_env = {"worker_process_setup_hook": "_faults.install",
                    "env_vars": {"PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}",
                                 "WVDATA_TEST_FAIL_ONCE": str(plan)}}
     env = {**os.environ, "WVDATA_RAY_RUNTIME_ENV": json.dumps(runtime_env)}

@@ -146,16 +146,14 @@ def test_an_error_while_writing_a_shard_leaves_no_partial_tar(crawl, reference, 
     """A write that fails part-way through a shard (a full disk, a store error) removes that shard's
     temporary tar even while the failed writer is still referenced (here by the traceback), and
     `--resume` then completes the dataset byte for byte."""
+    from _faults import failing_append
+
     from wvdata.build import shards
 
-    append = shards.ShardSink._append
-
-    def fail_in_shard_3(self, chunk):
-        append(self, chunk)
-        if self.task.split == "train" and self.task.name.endswith("000003"):
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(shards.ShardSink, "_append", fail_in_shard_3)
+    plan = tmp_path / "fail-once"
+    plan.mkdir()
+    (plan / "train-shard-000003").touch()
+    monkeypatch.setattr(shards.ShardSink, "_append", failing_append(str(plan)))
     out = tmp_path / "ds"
     with pytest.raises(OSError, match="No space left") as failed:
         quiet_build(crawl.root, out, shard_samples=4, resize_short=64)

@@ -231,7 +231,7 @@ def _remove_temp_files(st: Store) -> None:
 
 def _prepare_out(st: Store, fingerprint: str, resume: bool, overwrite: bool) -> None:
     out = st.root
-    if st.isdir(WORK_DIR) and all(n.startswith("fingerprint.tmp-") for n in st.listdir(WORK_DIR)):
+    if all(n.startswith("fingerprint.tmp-") for n in st.listdir(WORK_DIR)) and st.isdir(WORK_DIR):
         st.rmtree(WORK_DIR)  # killed before its fingerprint was written or after it was removed
     present = set(st.listdir()) - {LOCK_NAME}
     if present:

@@ -238,6 +238,7 @@ class ShardSink:
         if self._file is not None:  # tar and index first, the part tables last
             self._file.write(tar_end(self._size))
             self._writer.__exit__(None, None, None)  # published: renamed, or the upload completed
+            self._writer = self._file = None  # (nothing left for `abort` to drop)
             st.write_atomic(f"{task.split}/{task.name}.idx", format_idx(self._lines))
         else:
             st.makedirs(task.split)

@@ -388,7 +388,7 @@ class DaliLoader(LoaderBase):
                         break
                 finally:
                     del it
-                    _drop((None, (pipe, idx)))
+                    _remove_files(idx)
                     del pipe
         finally:
             if ahead is not None:
@@ -506,9 +506,14 @@ def _result(job: _Deferred):
 def _drop(got) -> None:
     """Forget a (segment, (pipeline, index files)) pair: the files go."""
     if got is not None and got[1] is not None:
-        for path in got[1][1]:  # a finished pipeline's index files (16M entries: ~0.4 GB an epoch)
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        _remove_files(got[1][1])
+
+
+def _remove_files(paths) -> None:
+    """A finished pipeline's index files (16M entries: ~0.4 GB an epoch)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _idx_text(e, positions: np.ndarray, names: np.ndarray) -> tuple[memoryview, np.ndarray]:
